@@ -1,0 +1,411 @@
+"""FEMNIST loading (npz and LEAF json), the writers x labels matrix, holdout of whole cells.
+
+Public images are uint8 (N, 28, 28), 0 = background, 255 = ink, upright; `to_model` and
+`to_images` are the one place where they become model tensors in [-1, 1] and back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DATA_ENV, IMAGE_SIZE, LABEL_CHARS, N_LEAF_CLASSES, InkfillError
+
+LEAF_HINT = (
+    "get FEMNIST with LEAF's preprocessing (github.com/TalwalkarLab/leaf: "
+    "cd data/femnist && ./preprocess.sh -s niid --sf 1.0 -k 0 -t sample) and pass "
+    f"--data leaf/data/femnist/data, or set {DATA_ENV}"
+)
+
+
+class DataError(InkfillError):
+    """Missing, unreadable or malformed data."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Aligned arrays as on disk: images uint8 (N, 28, 28), labels int64 (N,), writers str (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    writers: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Dataset:
+        return Dataset(self.images[index], self.labels[index], self.writers[index])
+
+    @staticmethod
+    def concat(parts: Sequence[Dataset]) -> Dataset:
+        return Dataset(
+            np.concatenate([p.images for p in parts]).reshape(-1, IMAGE_SIZE, IMAGE_SIZE),
+            np.concatenate([p.labels for p in parts]).astype(np.int64),
+            np.concatenate([p.writers for p in parts]).astype(str),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an npz in the input format, atomically: the file appears whole or not at all."""
+        save_npz(path, images=self.images, labels=self.labels, writers=self.writers)
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def label_name(label: int) -> str:
+    return LABEL_CHARS[label] if 0 <= label < N_LEAF_CLASSES else str(label)
+
+
+def allowed_labels(label_set: str) -> np.ndarray:
+    if label_set == "digits":
+        return np.arange(10)
+    if label_set == "all":
+        return np.arange(N_LEAF_CLASSES)
+    raise DataError(f"unknown label set {label_set!r} (choose digits or all)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_data_path(path: str | os.PathLike | None) -> Path:
+    """--data if given, else $INKFILL_DATA, else an error that says how to get FEMNIST."""
+    if path is None or str(path) == "":
+        path = os.environ.get(DATA_ENV) or None
+    if path is None:
+        raise DataError(f"no data given: pass --data PATH or set {DATA_ENV}; {LEAF_HINT}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory; {LEAF_HINT}")
+    return path
+
+
+def load_dataset(path: str | os.PathLike | None = None, labels: str = "digits") -> Dataset:
+    """Load FEMNIST from an npz, a LEAF json file or a directory of LEAF json shards.
+
+    Keeps the labels of `labels` ("digits": 0-9, "all": the 62 LEAF classes) and checks shapes,
+    dtypes and ranges, raising DataError with a one-line message on anything malformed.
+    """
+    path = resolve_data_path(path)
+    keep = allowed_labels(labels)
+    if path.is_dir():
+        data = _load_leaf_dir(path)
+    elif path.suffix.lower() == ".json":
+        data = _merge_writers(_read_leaf_json(path))
+    else:
+        data = _load_npz(path)
+    data = data.subset(np.isin(data.labels, keep))
+    if len(data) == 0:
+        raise DataError(f"{path}: no images with {labels} labels ({keep.min()}-{keep.max()})")
+    return data
+
+
+def _load_npz(path: Path) -> Dataset:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable npz archive ({_reason(e)})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{path}: a single .npy array, expected an npz with images, labels, writers"
+        )
+    with archive:
+        missing = [k for k in ("images", "labels", "writers") if k not in archive.files]
+        if missing:
+            found = ", ".join(archive.files) or "nothing"
+            raise DataError(f"{path}: missing array {', '.join(missing)} (found: {found})")
+        try:
+            images, labels, writers = (archive[k] for k in ("images", "labels", "writers"))
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path}: truncated or corrupt npz ({_reason(e)})") from None
+    n = len(images) if images.ndim else 0
+    if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.ndim != 3:
+        raise DataError(
+            f"{path}: images must be uint8 (N, 28, 28) with 0 = background, 255 = ink; "
+            f"got {images.dtype} {images.shape}"
+        )
+    if labels.shape != (n,) or writers.shape != (n,):
+        raise DataError(
+            f"{path}: mismatched lengths: images {images.shape}, labels {labels.shape}, "
+            f"writers {writers.shape}"
+        )
+    return Dataset(images, _check_labels(labels, path), _check_writers(writers, path))
+
+
+def _check_labels(labels: np.ndarray, where: Path) -> np.ndarray:
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all():
+            raise DataError(f"{where}: labels contain non-finite values")
+        if not np.array_equal(labels, np.round(labels)):
+            raise DataError(f"{where}: labels must be whole numbers (LEAF class ids)")
+    elif labels.dtype.kind not in "iub":
+        raise DataError(f"{where}: labels must be integers, got {labels.dtype}")
+    labels = labels.astype(np.int64)
+    bad = (labels < 0) | (labels >= N_LEAF_CLASSES)
+    if bad.any():
+        raise DataError(
+            f"{where}: label {labels[bad][0]} outside 0-{N_LEAF_CLASSES - 1} "
+            f"(LEAF class ids: 0-9 digits, 10-35 A-Z, 36-61 a-z)"
+        )
+    return labels
+
+
+def _check_writers(writers: np.ndarray, where: Path) -> np.ndarray:
+    if writers.dtype.kind == "S":
+        writers = np.char.decode(writers, "utf-8")
+    if writers.dtype.kind not in "Uiu":
+        raise DataError(f"{where}: writers must be strings (LEAF ids), got {writers.dtype}")
+    writers = writers.astype(str)
+    if (np.char.str_len(writers) == 0).any():
+        raise DataError(f"{where}: empty writer id")
+    return writers
+
+
+def _reason(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def leaf_shards(directory: Path) -> list[Path]:
+    """The json shards of a LEAF directory, in sorted order.
+
+    LEAF's preprocessing leaves intermediate copies (all_data/, sampled_data/, rem_user_data/)
+    beside the final train/ and test/ split; where the split exists only it is read, so that no
+    image is counted twice.
+    """
+    files = sorted(p for p in directory.rglob("*.json") if p.is_file())
+    split = [p for p in files if {"train", "test"} & set(p.relative_to(directory).parts[:-1])]
+    return split or files
+
+
+def _load_leaf_dir(directory: Path) -> Dataset:
+    shards = leaf_shards(directory)
+    if not shards:
+        raise DataError(f"{directory}: no LEAF .json shards in this directory; {LEAF_HINT}")
+    return _merge_writers(part for shard in shards for part in _read_leaf_json(shard))
+
+
+def _merge_writers(parts: Iterable[Dataset]) -> Dataset:
+    """One writer's samples from several shards (LEAF's train and test) end up side by side."""
+    data = Dataset.concat(list(parts))
+    order = np.argsort(data.writers, kind="stable")
+    return data.subset(order)
+
+
+def _read_leaf_json(path: Path) -> list[Dataset]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            blob = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not readable LEAF json ({_reason(e)})") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("user_data"), dict):
+        raise DataError(f"{path}: not a LEAF shard (expected keys users, num_samples, user_data)")
+    user_data = blob["user_data"]
+    users = blob.get("users", list(user_data))
+    parts = []
+    for user in users:
+        record = user_data.get(user)
+        if not isinstance(record, dict) or "x" not in record or "y" not in record:
+            raise DataError(f"{path}: user {user}: missing x or y in user_data")
+        parts.append(_leaf_user(record["x"], record["y"], str(user), path))
+    if not parts:
+        raise DataError(f"{path}: LEAF shard with no users")
+    return parts
+
+
+def _leaf_user(x, y, user: str, path: Path) -> Dataset:
+    try:
+        pixels = np.asarray(x, dtype=np.float32)
+        labels = np.asarray(y)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: user {user}: malformed x or y ({_reason(e)})") from None
+    if pixels.ndim != 2 or pixels.shape[1] != IMAGE_SIZE * IMAGE_SIZE:
+        raise DataError(
+            f"{path}: user {user}: each image must be 784 floats (28x28), got shape {pixels.shape}"
+        )
+    if labels.shape != (len(pixels),):
+        raise DataError(f"{path}: user {user}: {len(pixels)} images but {labels.size} labels")
+    if not np.isfinite(pixels).all():
+        raise DataError(f"{path}: user {user}: images contain non-finite values")
+    if pixels.min() < -1e-3 or pixels.max() > 1 + 1e-3:
+        raise DataError(f"{path}: user {user}: pixel values outside [0, 1]")
+    # LEAF: 1.0 is background, 0.0 full ink; ours: 0 background, 255 ink.
+    images = np.rint((1.0 - pixels.clip(0, 1)) * 255).astype(np.uint8)
+    images = images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    labels = _check_labels(labels, path)
+    return Dataset(images, labels, np.full(len(labels), user))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model tensors
+
+
+def to_model(images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 (N, 28, 28), ink high -> float (N, 1, 28, 28) in [-1, 1]."""
+    images = torch.as_tensor(np.asarray(images), device=device)
+    return images.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_images(x: torch.Tensor) -> np.ndarray:
+    """float (N, 1, 28, 28) in [-1, 1] -> uint8 (N, 28, 28)."""
+    x = x.detach().float().squeeze(1).add(1.0).mul(127.5).round().clamp(0, 255)
+    return x.to(torch.uint8).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# The writers x labels matrix
+
+Cell = tuple[str, int]
+
+
+class WriterMatrix:
+    """A Dataset seen as a writers x labels matrix whose entries are sets of images.
+
+    Rows are the sorted writer ids, columns the sorted labels (those present, or `label_ids`).
+    `counts[r, c]` is the number of images in a cell; `observed` says which cells hold any.
+    """
+
+    def __init__(self, data: Dataset, label_ids: Sequence[int] | None = None):
+        self.data = data
+        self.writer_ids = np.unique(data.writers)
+        self.label_ids = np.unique(data.labels if label_ids is None else np.asarray(label_ids))
+        if not np.isin(data.labels, self.label_ids).all():
+            raise DataError("dataset has labels outside the matrix's label_ids")
+        self.rows = np.searchsorted(self.writer_ids, data.writers)  # (N,) row of each image
+        self.cols = np.searchsorted(self.label_ids, data.labels)  # (N,) column of each image
+        flat = self.rows * self.n_labels + self.cols
+        self._order = np.argsort(flat, kind="stable")
+        counts = np.bincount(flat, minlength=self.n_writers * self.n_labels)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.counts = counts.reshape(self.n_writers, self.n_labels)
+        self._row_of = {w: i for i, w in enumerate(self.writer_ids.tolist())}
+
+    @property
+    def n_writers(self) -> int:
+        return len(self.writer_ids)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_ids)
+
+    @property
+    def observed(self) -> np.ndarray:
+        return self.counts > 0
+
+    def row(self, writer: str) -> int:
+        try:
+            return self._row_of[str(writer)]
+        except KeyError:
+            raise DataError(f"unknown writer {writer!r}") from None
+
+    def col(self, label: int) -> int:
+        c = int(np.searchsorted(self.label_ids, label))
+        if c >= self.n_labels or self.label_ids[c] != label:
+            known = ", ".join(str(v) for v in self.label_ids)
+            raise DataError(f"label {label!r} not in the data (labels: {known})")
+        return c
+
+    def indices(self, writer: str, label: int) -> np.ndarray:
+        """Indices into `data` of the images in cell (writer, label); empty if the cell is."""
+        flat = self.row(writer) * self.n_labels + self.col(label)
+        return self._order[self._starts[flat] : self._starts[flat + 1]]
+
+    def images(self, writer: str, label: int) -> np.ndarray:
+        return self.data.images[self.indices(writer, label)]
+
+    def cells(self, observed: bool) -> list[Cell]:
+        """Observed (True) or empty (False) cells, row-major."""
+        rows, cols = np.nonzero(self.observed == observed)
+        return [(str(self.writer_ids[r]), int(self.label_ids[c])) for r, c in zip(rows, cols)]
+
+    def empty_cells(self) -> list[Cell]:
+        return self.cells(observed=False)
+
+    def summary(self) -> dict:
+        per_cell = self.counts[self.observed]
+        return {
+            "writers": self.n_writers,
+            "images": len(self.data),
+            "labels": self.n_labels,
+            "cells": self.counts.size,
+            "observed_cells": int(self.observed.sum()),
+            "empty_cells": int((~self.observed).sum()),
+            "complete_writers": int(self.observed.all(axis=1).sum()),
+            "images_per_cell": {
+                "min": int(per_cell.min()),
+                "median": float(np.median(per_cell)),
+                "max": int(per_cell.max()),
+            },
+        }
+
+    def without(self, index: np.ndarray) -> WriterMatrix:
+        """The matrix with the images at `index` removed, keeping the same label columns."""
+        keep = np.ones(len(self.data), dtype=bool)
+        keep[index] = False
+        return WriterMatrix(self.data.subset(keep), label_ids=self.label_ids)
+
+    def holdout(
+        self,
+        n_cells: int,
+        seed: int = 0,
+        min_images: int = 4,
+        min_other_cells: int = 5,
+        max_per_writer: int = 1,
+    ) -> tuple[WriterMatrix, list[HiddenCell]]:
+        """Hide `n_cells` whole observed cells; return the reduced matrix and the hidden cells.
+
+        Candidates hold at least `min_images` images and belong to writers that keep at least
+        `min_other_cells` other observed cells; at most `max_per_writer` cells are taken per
+        writer. The choice depends only on the matrix and `seed`.
+        """
+        obs = self.observed
+        eligible = obs & (self.counts >= min_images)
+        # A writer may lose up to max_per_writer cells and must still keep min_other_cells.
+        eligible &= (obs.sum(axis=1) >= min_other_cells + max_per_writer)[:, None]
+        rows, cols = np.nonzero(eligible)
+        rng = np.random.default_rng(seed)
+        taken: list[tuple[int, int]] = []
+        per_writer = np.zeros(self.n_writers, dtype=int)
+        for k in rng.permutation(len(rows)):
+            r, c = int(rows[k]), int(cols[k])
+            if per_writer[r] < max_per_writer:
+                taken.append((r, c))
+                per_writer[r] += 1
+                if len(taken) == n_cells:
+                    break
+        if len(taken) < n_cells:
+            raise DataError(
+                f"cannot hide {n_cells} cells: only {len(taken)} cells have >= {min_images} images "
+                f"from writers keeping >= {min_other_cells} other cells"
+            )
+        taken.sort()
+        hidden = []
+        for r, c in taken:
+            writer, label = str(self.writer_ids[r]), int(self.label_ids[c])
+            hidden.append(HiddenCell(writer, label, self.images(writer, label)))
+        gone = np.concatenate([self.indices(h.writer, h.label) for h in hidden])
+        return self.without(gone), hidden
+
+
+@dataclass(frozen=True, eq=False)
+class HiddenCell:
+    writer: str
+    label: int
+    images: np.ndarray  # uint8 (n, 28, 28), the real images that were hidden
