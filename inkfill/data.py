@@ -57,12 +57,29 @@ class Dataset:
         save_npz(path, images=self.images, labels=self.labels, writers=self.writers)
 
 
-def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    path = Path(path)
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_path(path: Path) -> Path:
+    """A fresh temporary file beside `path`, readable like a normally created file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent
+    )
+    os.close(fd)
+    os.chmod(tmp, _umask_mode())
+    return Path(tmp)
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """np.savez_compressed, atomically: the file appears whole or not at all."""
+    path = Path(path)
+    tmp = atomic_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
         os.replace(tmp, path)
     except BaseException:

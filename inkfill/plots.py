@@ -6,14 +6,13 @@ Uses matplotlib's object API (no pyplot state), so figures can be drawn from any
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from .data import Cell, WriterMatrix, label_name
+from .data import Cell, WriterMatrix, atomic_path, label_name
 
 REAL_INK = np.array([20, 20, 20], dtype=np.float32)
 FILL_INK = np.array([25, 80, 200], dtype=np.float32)
@@ -46,11 +45,9 @@ def tile(images: np.ndarray, n_cols: int, pad: int = 1, fill: int = 255) -> np.n
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
     """Save atomically (temporary file, then rename), so a figure is never half-written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = atomic_path(path)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
