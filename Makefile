@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/femnist/femnist_digits.npz
 RUN ?= runs/demo
+METHOD ?= cluster-gan
 export INKFILL_DATA ?= $(DATA)
 
 .PHONY: demo test lint format clean
@@ -13,8 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# The main job on the bundled FEMNIST digits: fit, fill every empty cell, draw what was filled.
 demo: $(VENV)/.installed
 	$(BIN)/inkfill data --preview $(RUN)/preview.png
+	$(BIN)/inkfill fit --method $(METHOD) --out $(RUN)/$(METHOD) --overwrite
+	$(BIN)/inkfill fill --run $(RUN)/$(METHOD) --missing --per-cell 16 --out $(RUN)/filled.npz
+	$(BIN)/inkfill data --preview $(RUN)/filled.png --filled $(RUN)/filled.npz --preview-writers 16
+	@echo "demo: run in $(RUN)/$(METHOD) (figures/), fills in $(RUN)/filled.npz, preview $(RUN)/filled.png"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .

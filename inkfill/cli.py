@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import dataclasses
+import json
 import logging
+import os
+import shutil
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .config import DataConfig, InkfillError
+from .config import BenchConfig, DataConfig, FeatureConfig, InkfillError
+
+log = logging.getLogger("inkfill")
+FIGURE_LEVELS = ("none", "some", "all")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,8 +54,152 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preview-writers", type=int, default=12, metavar="N")
     p.add_argument("--seed", type=int, default=0, help="which writers the preview shows")
+    p.add_argument(
+        "--filled", metavar="OUT.npz", help="with --preview: draw these filled cells too"
+    )
     p.set_defaults(func=cmd_data)
+
+    from .methods import METHODS
+
+    p = sub.add_parser("fit", help="fit an imputation method and write a run directory")
+    _add_data_args(p)
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--seed", type=int, default=None, help="seed of everything random (default 0)")
+    _add_device_arg(p)
+    p.add_argument("--figures", choices=FIGURE_LEVELS, default="all", help="which figures to draw")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    _add_method_args(p, METHODS)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("fill", help="generate images for empty cells with a fitted run")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cells", metavar="CELLS.csv", help="csv with header writer,label")
+    which.add_argument("--missing", action="store_true", help="every empty cell of the run's data")
+    p.add_argument("--per-cell", type=int, default=16, metavar="N", help="images per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="OUT.npz")
+    _add_device_arg(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_fill)
+
+    p = sub.add_parser("bench", help="hide whole cells, fit methods on the rest, score their fills")
+    _add_data_args(p)
+    _add_config_args(p, BenchConfig)
+    _add_config_args(p, FeatureConfig, prefix="feature-")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="METHOD.PARAM=VALUE",
+        help="a method's hyperparameter, e.g. cluster-gan.generator=conditional (repeatable)",
+    )  # fmt: skip
+    _add_device_arg(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("explain", help="show cluster-gan's voting map for one cell")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--writer", required=True)
+    p.add_argument("--label", required=True, type=int)
+    p.set_defaults(func=cmd_explain)
     return parser
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"
+    )
+
+
+def _add_config_args(p: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One --flag per field of a config dataclass, default from the dataclass."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        help_ = f"{f.metadata.get('help', '')} [{f.default}]"
+        dest = (prefix + f.name).replace("-", "_")
+        if isinstance(f.default, bool):
+            p.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                dest=dest,
+                help=help_,
+            )
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, dest=dest, help=help_)
+
+
+def _config_from_args(args: argparse.Namespace, cls, prefix: str = ""):
+    return cls(
+        **{
+            f.name: getattr(args, (prefix + f.name).replace("-", "_"))
+            for f in dataclasses.fields(cls)
+        }
+    )
+
+
+def _add_method_args(p: argparse.ArgumentParser, methods) -> None:
+    """One --flag per hyperparameter of any method, named after its Config field."""
+    group = p.add_argument_group("method hyperparameters (defaults depend on --method)")
+    seen: set[str] = set()
+    for cls in methods.values():
+        for f in dataclasses.fields(cls.Config):
+            if f.name in seen or f.name == "seed":
+                continue
+            seen.add(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f"{f.metadata.get('help', '')} [{cls.name}: {f.default}]"
+            if isinstance(f.default, bool):
+                group.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=None, help=help_
+                )
+            else:
+                group.add_argument(flag, type=type(f.default), default=None, help=help_)
+
+
+def _method_params(args: argparse.Namespace, cls) -> dict:
+    """The hyperparameters given on the command line; flags of other methods are an error."""
+    from .methods import METHODS
+
+    mine = {f.name for f in dataclasses.fields(cls.Config)}
+    every = {f.name for c in METHODS.values() for f in dataclasses.fields(c.Config)} - {"seed"}
+    params = {}
+    for name in sorted(every):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name not in mine:
+            raise InkfillError(f"--{name.replace('_', '-')} does not apply to method {cls.name}")
+        params[name] = value
+    if args.seed is not None:
+        params["seed"] = args.seed
+    return params
+
+
+def resolve_device(name: str):
+    """auto -> cuda if available, else mps, else cpu; anything else must be usable here."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InkfillError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InkfillError(
+            "--device cuda: no CUDA GPU is available here (use --device auto or cpu)"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InkfillError("--device mps: MPS is not available here")
+    return device
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -63,22 +218,280 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"empty cells      {s['empty_cells']:,}")
     print(f"complete writers {s['complete_writers']:,}")
     print(f"images per cell  min {per['min']}  median {per['median']:g}  max {per['max']}")
+    if args.filled and not args.preview:
+        raise InkfillError("--filled needs --preview OUT.png")
     if args.preview:
         if args.preview_writers < 1:
             raise InkfillError("--preview-writers must be at least 1")
         rng = np.random.default_rng(args.seed)
-        n = min(args.preview_writers, matrix.n_writers)
-        writers = sorted(rng.choice(matrix.writer_ids, size=n, replace=False).tolist())
-        save_matrix_figure(matrix, writers, args.preview, title=f"{n} of {s['writers']} writers")
+        filled = {}
+        candidates = matrix.writer_ids
+        if args.filled:
+            fills = load_dataset(args.filled, labels="all")
+            known = set(matrix.writer_ids.tolist())
+            for writer, label in sorted(set(zip(fills.writers.tolist(), fills.labels.tolist()))):
+                if writer in known and label in matrix.label_ids:
+                    mask = (fills.writers == writer) & (fills.labels == label)
+                    filled[(writer, label)] = fills.images[mask]
+            # Show writers with filled cells first: those are what the figure is about.
+            with_fills = np.unique([w for w, _ in filled])
+            if len(with_fills):
+                candidates = with_fills
+        n = min(args.preview_writers, len(candidates))
+        writers = sorted(rng.choice(candidates, size=n, replace=False).tolist())
+        title = f"{n} of {s['writers']} writers" + (" (blue, framed: filled)" if filled else "")
+        save_matrix_figure(matrix, writers, args.preview, filled=filled, title=title)
         print(f"preview          {args.preview}")
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from .data import WriterMatrix, load_dataset
+    from .methods import method_class
+    from .methods.base import write_json
+
+    cls = method_class(args.method)
+    method = cls(**_method_params(args, cls))
+    config = method.config  # validates
+    out = Path(args.out)
+    if args.dry_run:
+        resolved = {"method": cls.name, "params": dataclasses.asdict(config), "out": str(out)}
+        resolved["data"] = {
+            "path": args.data or os.environ.get("INKFILL_DATA"),
+            "labels": args.labels,
+        }
+        print(json.dumps(resolved, indent=1))
+        return
+    _check_out(out, args.overwrite)
+    if args.figures != "none":
+        import matplotlib  # noqa: F401  (fail early if plotting is broken, not after training)
+    data_config = DataConfig(path=args.data, labels=args.labels)
+    matrix = WriterMatrix(load_dataset(data_config.path, data_config.labels))
+    device = resolve_device(args.device)
+
+    with _building(out, args.overwrite) as tmp:
+        summary = matrix.summary()
+        log.info("fit %s on %s: %s", cls.name, args.data, summary)
+        print(
+            f"fitting {method!r} on {summary['images']:,} images, {summary['writers']} writers, "
+            f"{summary['labels']} labels ({device})"
+        )
+        start = time.perf_counter()
+        method.fit(matrix, device=device, progress=not args.no_progress)
+        fit_seconds = time.perf_counter() - start
+        print(f"fit took {fit_seconds:.1f} s")
+        extra = {
+            "data": {
+                "path": str(args.data or os.environ.get("INKFILL_DATA")),
+                "labels": args.labels,
+                **summary,
+            },
+            "fit_seconds": fit_seconds,
+            "device": str(device),
+            "inkfill_version": __version__,
+        }
+        method.save(tmp, extra=extra)
+        metrics = method.evaluate(matrix, progress=not args.no_progress)
+        metrics["fit_seconds"] = fit_seconds
+        write_json(tmp / "metrics.json", metrics)
+        _write_history(tmp / "metrics.jsonl", getattr(method, "history_", {}))
+        table = method.format_metrics(metrics)
+        if table:
+            print(table)
+        if args.figures != "none":
+            method.save_figures(matrix, tmp / "figures", args.figures, metrics)
+        log.info("done in %.1f s", time.perf_counter() - start)
+    print(f"run written to {out}")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise InkfillError(f"{out} already exists (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def _building(out: Path, overwrite: bool):
+    """A sibling temporary directory that replaces `out` only when the block completes; on any
+    error or interrupt it is removed, so no half-written run is left behind. Logs go to log.txt."""
+    _check_out(out, overwrite)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    logger = logging.getLogger("inkfill")
+    handler = logging.FileHandler(tmp / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG if logger.getEffectiveLevel() <= logging.DEBUG else logging.INFO)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _write_history(path: Path, histories: dict) -> None:
+    with open(path, "w") as f:
+        for name, h in histories.items():
+            keys = [k for k in h if k != "step"]
+            for i, step in enumerate(h["step"]):
+                f.write(
+                    json.dumps({"model": name, "step": step, **{k: h[k][i] for k in keys}}) + "\n"
+                )
+
+
+def read_cells(path: str) -> list[tuple[str, int]]:
+    """CELLS.csv: a header `writer,label`, then one cell a line."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise InkfillError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InkfillError(f"{path}: unreadable csv ({e})") from None
+    if not rows or [c.strip() for c in rows[0]] != ["writer", "label"]:
+        raise InkfillError(f"{path}: the first line must be the header writer,label")
+    cells, seen = [], set()
+    for n, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 2:
+            raise InkfillError(f"{path}: line {n}: expected writer,label, got {len(row)} fields")
+        writer, label = row[0].strip(), row[1].strip()
+        try:
+            label = int(label)
+        except ValueError:
+            raise InkfillError(
+                f"{path}: line {n}: label {label!r} is not a LEAF class id"
+            ) from None
+        if (writer, label) in seen:
+            raise InkfillError(f"{path}: line {n}: cell ({writer}, {label}) is listed twice")
+        seen.add((writer, label))
+        cells.append((writer, label))
+    if not cells:
+        raise InkfillError(f"{path}: no cells listed")
+    return cells
+
+
+def cmd_fill(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .methods import fill, load_run
+
+    if args.per_cell < 1:
+        raise InkfillError("--per-cell must be at least 1")
+    cells = None if args.missing else read_cells(args.cells)
+    method = load_run(args.run, device=resolve_device(args.device))
+    if cells is None:
+        cells = method.matrix_.empty_cells()
+    else:
+        for writer, label in cells:  # unknown ids fail before any work
+            method.matrix_.row(writer), method.matrix_.col(label)
+    start = time.perf_counter()
+    with tqdm(total=len(cells), desc="fill", unit="cell", disable=args.no_progress) as bar:
+        filled = fill(method, cells, args.per_cell, seed=args.seed, progress=bar)
+    seconds = time.perf_counter() - start
+    filled.save(args.out)
+    print(f"{len(filled):,} images for {len(cells):,} cells in {seconds:.2f} s -> {args.out}")
+
+
+def _parse_sets(items: list[str]) -> dict[str, dict]:
+    """--set METHOD.PARAM=VALUE, typed by the method's Config field."""
+    from .methods import method_class
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        name, dot, param = key.rpartition(".")
+        if not eq or not dot:
+            raise InkfillError(f"--set {item!r}: expected METHOD.PARAM=VALUE")
+        fields = {f.name: f for f in dataclasses.fields(method_class(name).Config)}
+        param = param.replace("-", "_")
+        if param not in fields:
+            raise InkfillError(f"--set {item!r}: {name} has no parameter {param}")
+        kind = type(fields[param].default)
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                typed = value.lower() in ("true", "1")
+            else:
+                typed = kind(value)
+        except ValueError:
+            raise InkfillError(f"--set {item!r}: {value!r} is not a {kind.__name__}") from None
+        out.setdefault(name, {})[param] = typed
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+    from .data import WriterMatrix, load_dataset
+
+    config = _config_from_args(args, BenchConfig)
+    feature_config = _config_from_args(args, FeatureConfig, prefix="feature-")
+    method_params = _parse_sets(args.set)
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    matrix = WriterMatrix(load_dataset(args.data, args.labels))
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    with _building(out, args.overwrite) as tmp:
+        results = run_bench(
+            matrix, config, tmp, device, feature_config, method_params,
+            progress=not args.no_progress, echo=print,
+        )  # fmt: skip
+    from .bench import results_markdown
+
+    print()
+    print(results_markdown(results))
+    print(f"bench took {time.perf_counter() - start:.0f} s; results in {out}/results.md")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from .data import label_name
+    from .methods import load_run
+
+    method = load_run(args.run)
+    clusters = getattr(method, "clusters_", None)
+    if clusters is None:
+        raise InkfillError(f"{args.run}: method {method.name} has no voting map (cluster-gan does)")
+    info = method.matrix_
+    r, c = info.row(args.writer), info.col(args.label)
+    vote = clusters.vote(args.writer, args.label)
+    state = "observed" if info.counts[r, c] else "empty"
+    print(f"cell ({args.writer}, {label_name(args.label)}): {state}")
+    print("labels the writer has -> their cluster there, related writers (same cluster)")
+    for d, n_related in vote.related_by_label.items():
+        d_label = int(info.label_ids[d])
+        print(f"  {label_name(d_label):>3}: cluster {clusters.assign_[r, d]}, {n_related} related")
+    unit = "related writers" if clusters.vote_rule == "writers" else "(writer, label) pairs"
+    print(f"votes in the clusters of label {label_name(args.label)} ({unit}):")
+    for k, (n, size) in enumerate(zip(vote.counts.tolist(), vote.sizes.tolist())):
+        mark = "  <- chosen" if k == vote.cluster else ""
+        print(f"  cluster {k}: {n:>4} votes  ({size} writers){mark}")
+    if vote.fallback:
+        print("no related writer has this label: fell back to the cluster with the most writers")
+    print(f"chosen cluster: {vote.cluster}")
+    if state == "observed":
+        print(f"(the cell is observed: the writer's own cluster here is {clusters.assign_[r, c]})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[console]
     )
+    _set_threads()
     try:
         args.func(args)
     except InkfillError as e:
@@ -88,3 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         print("inkfill: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _set_threads() -> None:
+    """One intra-op thread per available core: more oversubscribes and slows PyTorch badly."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores or 1))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 LabelSet = Literal["digits", "all"]
@@ -13,6 +12,10 @@ N_LEAF_CLASSES = 62
 LABEL_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 IMAGE_SIZE = 28
 DATA_ENV = "INKFILL_DATA"
+
+
+class InkfillError(Exception):
+    """A problem with the user's input; the CLI prints it on one line and exits with status 2."""
 
 
 @dataclass(frozen=True)
@@ -30,15 +33,142 @@ class HoldoutConfig:
     seed: int = 0
 
 
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+def param(default, help: str = ""):
+    """A dataclass field with a help text; the CLI turns each field into a --flag."""
+    return field(default=default, metadata={"help": help})
 
 
-def from_dict(cls, values: dict):
-    """Build `cls` from a dict, ignoring unknown keys so older run directories still load."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+GENERATOR_MODES = ("per-cluster", "conditional")
+VOTE_RULES = ("writers", "pairs")
 
 
-class InkfillError(Exception):
-    """A problem with the user's input; the CLI prints it on one line and exits with status 2."""
+@dataclass(frozen=True)
+class ClusterGANConfig:
+    """The seed's approach 3 (methods/clustergan.py)."""
+
+    n_clusters: int = param(7, "KMeans k for every label; 1 gives the seed's no-cluster DCGAN")
+    n_components: int = param(32, "PCA dimensions in which writers' mean images are clustered")
+    vote_rule: str = param(
+        "writers",
+        "writers: each related writer votes once (the seed); pairs: once per shared label",
+    )
+    generator: str = param(
+        "per-cluster",
+        "per-cluster: one DCGAN per (label, cluster) (the seed); conditional: one DCGAN for all",
+    )
+    nz: int = param(64, "latent size")
+    ngf: int = param(32, "generator width")
+    ndf: int = param(32, "discriminator width")
+    batch_size: int = param(64, "images per training step")
+    lr: float = param(2e-4, "Adam learning rate (DCGAN's)")
+    beta1: float = param(0.5, "Adam beta1 (DCGAN's)")
+    steps: int = param(14000, "conditional: training steps of the conditional DCGAN")
+    label_steps: int = param(600, "per-cluster: steps of each label's no-cluster DCGAN")
+    cluster_steps: int = param(300, "per-cluster: steps of each (label, cluster) DCGAN")
+    cluster_batch_size: int = param(
+        32, "per-cluster: images per step of the (label, cluster) DCGANs"
+    )
+    warm_start: bool = param(True, "per-cluster: start each cluster's DCGAN from its label's DCGAN")
+    negative_weight: float = param(
+        0.5, "per-cluster: D also rejects real images of the label's other clusters (0: off)"
+    )
+    conditional_negative_weight: float = param(
+        0.2, "conditional: D also rejects real images paired with another cluster (0: off)"
+    )
+    truncation: float = param(
+        1.0, "sampling: z ~ truncation * N(0, I); < 1 trades variety for typicality"
+    )
+    bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
+    seed: int = param(0, "seed of clustering, initialisation and training")
+
+    def __post_init__(self):
+        if self.generator not in GENERATOR_MODES:
+            raise InkfillError(f"--generator must be one of {', '.join(GENERATOR_MODES)}")
+        if self.vote_rule not in VOTE_RULES:
+            raise InkfillError(f"--vote-rule must be one of {', '.join(VOTE_RULES)}")
+        for name in (
+            "n_clusters",
+            "n_components",
+            "nz",
+            "ngf",
+            "ndf",
+            "batch_size",
+            "cluster_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise InkfillError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("steps", "label_steps", "cluster_steps"):
+            if getattr(self, name) < 0:
+                raise InkfillError(f"--{name.replace('_', '-')} must be >= 0")
+        if not self.truncation > 0:
+            raise InkfillError("--truncation must be > 0")
+        if self.negative_weight < 0 or self.conditional_negative_weight < 0:
+            raise InkfillError("--negative-weight and --conditional-negative-weight must be >= 0")
+
+
+@dataclass(frozen=True)
+class GenericConfig:
+    """Real images of the label from random other writers: the floor."""
+
+    seed: int = param(0, "unused: the images drawn depend on fill's seed")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Real images of the label from the k writers nearest on the labels both have."""
+
+    k: int = param(5, "retrieval: how many similar writers lend their images")
+    n_components: int = param(32, "PCA dimensions of each label's space")
+    seed: int = param(0, "seed of the PCA")
+
+    def __post_init__(self):
+        if self.k < 1 or self.n_components < 1:
+            raise InkfillError("--k and --n-components must be at least 1")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Low-rank completion of per-cell mean images (SoftImpute) plus real within-cell variation."""
+
+    rank: int = param(8, "linear: largest rank of the completed writers x (labels x PCA) matrix")
+    shrink: float = param(
+        0.02, "linear: SoftImpute threshold, a fraction of the top singular value"
+    )
+    n_components: int = param(32, "PCA dimensions of each label's space")
+    seed: int = param(0, "seed of the PCA")
+
+    def __post_init__(self):
+        if self.rank < 1 or self.n_components < 1:
+            raise InkfillError("--rank and --n-components must be at least 1")
+        if not 0 <= self.shrink < 1:
+            raise InkfillError("--shrink must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """The bench's judge network (models.FeatureNet), trained on half of each observed cell."""
+
+    epochs: int = param(10, "training epochs of the feature network")
+    width: int = param(24, "channels of its first convolutions")
+    dim: int = param(128, "embedding size (the FID and retrieval space)")
+    batch_size: int = param(128, "images per step")
+    lr: float = param(2e-3, "peak learning rate (one-cycle)")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """inkfill bench: hide whole cells, fit each method on the rest, fill and score the hidden."""
+
+    methods: str = param(
+        "generic,retrieval,linear,cluster-gan", "comma-separated methods to compare"
+    )
+    hidden_cells: int = param(200, "whole observed cells to hide")
+    per_cell: int = param(16, "images each method generates for each hidden cell")
+    seed: int = param(0, "seed of the holdout, the methods and the fills")
+    figure_cells: int = param(12, "hidden cells shown in the figure")
+
+    def __post_init__(self):
+        if self.hidden_cells < 1 or self.per_cell < 2:
+            raise InkfillError("--hidden-cells must be >= 1 and --per-cell >= 2")
+        if not [m for m in self.methods.split(",") if m.strip()]:
+            raise InkfillError("--methods: name at least one method")

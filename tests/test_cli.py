@@ -3,13 +3,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import write_leaf
 
 from inkfill.cli import main
-from inkfill.data import Dataset
+from inkfill.data import Dataset, load_dataset
 
 
-def run(capsys, *argv):
+def run_cli(capsys, *argv):
     """main() in-process; argparse's usage errors leave through SystemExit."""
     try:
         code = main([str(a) for a in argv])
@@ -118,7 +119,7 @@ def _bad_inputs(tmp_path):
 def test_every_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("INKFILL_DATA", raising=False)
     for name, path, extra, words in _bad_inputs(tmp_path):
-        code, out, err = run(capsys, "data", "--data", path, *extra)
+        code, out, err = run_cli(capsys, "data", "--data", path, *extra)
         assert code == 2, name
         lines = err.strip().splitlines()
         assert len(lines) == 1, (name, err)
@@ -128,7 +129,7 @@ def test_every_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
 
 def test_no_data_says_how_to_get_femnist(capsys, monkeypatch):
     monkeypatch.delenv("INKFILL_DATA", raising=False)
-    code, _, err = run(capsys, "data")
+    code, _, err = run_cli(capsys, "data")
     assert (
         code == 2 and "INKFILL_DATA" in err and "LEAF" in err and len(err.strip().splitlines()) == 1
     )
@@ -136,7 +137,7 @@ def test_no_data_says_how_to_get_femnist(capsys, monkeypatch):
 
 def test_env_var_points_at_data(tiny_npz, capsys, monkeypatch):
     monkeypatch.setenv("INKFILL_DATA", str(tiny_npz))
-    code, out, _ = run(capsys, "data")
+    code, out, _ = run_cli(capsys, "data")
     assert code == 0 and "writers          12" in out
 
 
@@ -151,7 +152,7 @@ def test_console_script_exit_status(tmp_path):
 
 
 def test_data_summary_on_real_digits(real_digits, tmp_path, capsys):
-    code, out, _ = run(capsys, "data", "--data", real_digits, "--preview", tmp_path / "p.png")
+    code, out, _ = run_cli(capsys, "data", "--data", real_digits, "--preview", tmp_path / "p.png")
     assert code == 0
     assert "writers          516" in out and "images           34,571" in out
     assert "empty cells      774" in out
@@ -159,10 +160,166 @@ def test_data_summary_on_real_digits(real_digits, tmp_path, capsys):
 
 
 def test_data_summary_on_real_leaf_dir(real_leaf, capsys):
-    code, out, _ = run(capsys, "data", "--data", real_leaf, "--labels", "all")
+    code, out, _ = run_cli(capsys, "data", "--data", real_leaf, "--labels", "all")
     assert code == 0 and "writers          5" in out and "images           837" in out
 
 
 def test_data_summary_all_labels(real_all, capsys):
-    code, out, _ = run(capsys, "data", "--data", real_all, "--labels", "all")
+    code, out, _ = run_cli(capsys, "data", "--data", real_all, "--labels", "all")
     assert code == 0 and "writers          540" in out and "labels           62 (all)" in out
+
+
+TINY_FLAGS = ["--n-clusters", "3", "--n-components", "8", "--ngf", "8", "--ndf", "8", "--nz", "16"]
+TINY_FLAGS += ["--label-steps", "6", "--cluster-steps", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import make_dataset
+
+    root = tmp_path_factory.mktemp("cli")
+    make_dataset().save(root / "tiny.npz")
+    code = main(
+        [
+            "fit",
+            "--data",
+            str(root / "tiny.npz"),
+            "--method",
+            "cluster-gan",
+            "--out",
+            str(root / "run"),
+            *TINY_FLAGS,
+        ]
+    )
+    assert code == 0
+    return root
+
+
+def test_fit_writes_a_complete_run(tiny_run):
+    run = tiny_run / "run"
+    for name in (
+        "config.json",
+        "matrix.json",
+        "model.safetensors",
+        "metrics.json",
+        "metrics.jsonl",
+        "log.txt",
+    ):
+        assert (run / name).stat().st_size > 0, name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["cluster_check"]["labels"]) >= 10
+    assert (run / "figures" / "label_3.png").exists()
+    assert (run / "figures" / "clusters" / "label_3_cluster_0.png").exists()
+    assert (run / "figures" / "losses" / "label_3.png").exists()
+    assert (run / "figures" / "cluster_check_tradeoff.png").exists()
+    assert not list(tiny_run.glob(".run.partial-*"))
+
+
+def test_fill_missing_and_cells(tiny_run, capsys):
+    run, out = tiny_run / "run", tiny_run / "filled.npz"
+    code, text, _ = run_cli(
+        capsys, "fill", "--run", run, "--missing", "--per-cell", 3, "--out", out, "--no-progress"
+    )
+    assert code == 0 and "images for" in text
+    filled = load_dataset(out)
+    info = json.loads((run / "matrix.json").read_text())
+    n_empty = sum(c == 0 for row in info["counts"] for c in row)
+    assert len(filled) == 3 * n_empty
+    first = (filled.writers[0], int(filled.labels[0]))
+    cells = tiny_run / "cells.csv"
+    cells.write_text(f"writer,label\n{first[0]},{first[1]}\n")
+    code, _, _ = run_cli(
+        capsys,
+        "fill",
+        "--run",
+        run,
+        "--cells",
+        cells,
+        "--per-cell",
+        3,
+        "--out",
+        tiny_run / "one.npz",
+    )
+    assert code == 0
+    np.testing.assert_array_equal(load_dataset(tiny_run / "one.npz").images, filled.images[:3])
+    code, text, _ = run_cli(
+        capsys, "explain", "--run", run, "--writer", first[0], "--label", first[1]
+    )
+    assert code == 0 and "chosen cluster" in text and "votes" in text
+
+
+def test_fill_bad_cells_are_one_line_errors(tiny_run, capsys):
+    run = tiny_run / "run"
+    info = json.loads((run / "matrix.json").read_text())
+    observed = next(
+        (w, info["label_ids"][c])
+        for r, w in enumerate(info["writer_ids"])
+        for c in range(10)
+        if info["counts"][r][c]
+    )
+    cases = {
+        "bad header": ("who,what\nw000,1\n", "header writer,label"),
+        "unknown writer": ("writer,label\nnobody,1\n", "unknown writer"),
+        "label not in data": ("writer,label\nw000,40\n", "not in the data"),
+        "not a number": ("writer,label\nw000,one\n", "not a LEAF class id"),
+        "observed cell": (f"writer,label\n{observed[0]},{observed[1]}\n", "observed"),
+        "duplicate": ("writer,label\nw000,1\nw000,1\n", "twice"),
+        "empty": ("writer,label\n", "no cells"),
+    }
+    for name, (text, words) in cases.items():
+        cells = tiny_run / f"{name}.csv"
+        cells.write_text(text)
+        out = tiny_run / f"{name}.npz"
+        code, _, err = run_cli(
+            capsys, "fill", "--run", run, "--cells", cells, "--out", out, "--no-progress"
+        )
+        assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, (name, err)
+        assert not out.exists(), name
+
+
+def test_fit_and_fill_refuse_bad_arguments(tiny_run, tiny_npz, tmp_path, capsys):
+    fit = ["fit", "--data", tiny_npz, "--method", "cluster-gan", "--out", tmp_path / "r"]
+    cases = [
+        (fit[:4] + ["magic", "--out", tmp_path / "r"], "unknown method"),
+        (fit[:6] + [tiny_run / "run"], "already exists"),
+        (fit + ["--generator", "x"], "--generator"),
+        (fit + ["--n-clusters", "0"], "at least 1"),
+        (fit + ["--k", "3"], "does not apply"),
+        (["fit", "--data", tmp_path / "none.npz"] + fit[3:], "no such file"),
+        (fit + ["--device", "cuda:7"], "cuda"),
+        (
+            ["fill", "--run", tmp_path / "nothing", "--missing", "--out", tmp_path / "o.npz"],
+            "no such run",
+        ),
+    ]
+    for argv, words in cases:
+        code, _, err = run_cli(capsys, *argv)
+        if "cuda" in words and code == 0:  # a machine with that GPU: nothing to check
+            continue
+        assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, (argv, err)
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.partial-*"))
+
+
+def test_corrupt_run_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run / "run", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = run_cli(
+        capsys, "fill", "--run", broken, "--missing", "--out", tmp_path / "o.npz"
+    )
+    assert code == 2 and "corrupt" in err and len(err.strip().splitlines()) == 1
+    (broken / "config.json").write_text("{not json")
+    code, _, err = run_cli(capsys, "explain", "--run", broken, "--writer", "w000", "--label", "1")
+    assert code == 2 and "corrupt" in err
+
+
+def test_dry_run_prints_the_resolved_config(tiny_npz, tmp_path, capsys):
+    argv = ["fit", "--data", tiny_npz, "--method", "cluster-gan", "--out", tmp_path / "r"]
+    code, out, _ = run_cli(capsys, *argv, "--generator", "conditional", "--dry-run")
+    resolved = json.loads(out)
+    assert code == 0 and resolved["params"]["generator"] == "conditional"
+    assert resolved["params"]["n_clusters"] == 7
+    assert not (tmp_path / "r").exists()

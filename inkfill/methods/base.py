@@ -1,0 +1,275 @@
+"""The contract every imputation method follows (scikit-learn style) and what they share:
+hyperparameters as keyword arguments, fit(matrix) -> self, generate(writer, label, n, seed),
+save(dir) / load(dir) with safetensors weights and JSON (no pickle), per-cell seeding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import InkfillError
+from ..data import Cell, DataError, Dataset, WriterMatrix, atomic_path
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MATRIX_FILE = "matrix.json"
+
+
+class NotFittedError(InkfillError):
+    pass
+
+
+def cell_seed(seed: int, writer: str, label: int) -> int:
+    """A 63-bit seed for one cell: images of a cell never depend on which other cells were asked."""
+    digest = hashlib.blake2b(f"{seed}\x1f{writer}\x1f{label}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def cell_generator(seed: int, writer: str, label: int) -> torch.Generator:
+    return torch.Generator().manual_seed(cell_seed(seed, writer, label))
+
+
+class MatrixInfo:
+    """What a fitted method remembers of its training matrix: writers, labels, observed cells."""
+
+    def __init__(self, writer_ids: Sequence[str], label_ids: Sequence[int], counts: np.ndarray):
+        self.writer_ids = np.asarray(writer_ids, dtype=str)
+        self.label_ids = np.asarray(label_ids, dtype=np.int64)
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self._row = {w: i for i, w in enumerate(self.writer_ids.tolist())}
+        self._col = {int(v): i for i, v in enumerate(self.label_ids.tolist())}
+
+    @classmethod
+    def of(cls, matrix: WriterMatrix) -> MatrixInfo:
+        return cls(matrix.writer_ids, matrix.label_ids, matrix.counts)
+
+    def row(self, writer: str) -> int:
+        try:
+            return self._row[str(writer)]
+        except KeyError:
+            raise DataError(
+                f"unknown writer {writer!r} (not in the data this run was fitted on)"
+            ) from None
+
+    def col(self, label: int) -> int:
+        try:
+            return self._col[int(label)]
+        except (KeyError, TypeError, ValueError):
+            known = ", ".join(str(v) for v in self.label_ids.tolist())
+            raise DataError(f"label {label!r} not in the data (labels: {known})") from None
+
+    def is_observed(self, writer: str, label: int) -> bool:
+        return bool(self.counts[self.row(writer), self.col(label)] > 0)
+
+    def empty_cells(self) -> list[Cell]:
+        rows, cols = np.nonzero(self.counts == 0)
+        return [(str(self.writer_ids[r]), int(self.label_ids[c])) for r, c in zip(rows, cols)]
+
+    def to_json(self) -> dict:
+        return {
+            "writer_ids": self.writer_ids.tolist(),
+            "label_ids": self.label_ids.tolist(),
+            "counts": self.counts.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, blob: dict) -> MatrixInfo:
+        return cls(blob["writer_ids"], blob["label_ids"], np.asarray(blob["counts"]))
+
+
+class Method:
+    """Base class. Subclasses set `name`, `Config` (a frozen dataclass holding the defaults) and
+    implement `_fit`, `_generate`, `_state` / `_set_state`.
+
+    Hyperparameters are keyword arguments named after the Config fields, stored unchanged;
+    learned state ends in `_`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, **params: Any):
+        fields = {f.name: f.default for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise InkfillError(f"{self.name}: unknown parameter {', '.join(unknown)}")
+        for key, default in fields.items():
+            setattr(self, key, params.get(key, default))
+
+    def get_params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self.Config)}
+
+    @property
+    def config(self):
+        """The hyperparameters as the frozen Config (validated in its __post_init__)."""
+        return self.Config(**self.get_params())
+
+    def __repr__(self) -> str:
+        changed = {
+            k: v for k, v in self.get_params().items() if v != getattr(self.Config, k, object())
+        }
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    # -- the contract ------------------------------------------------------------------------
+
+    def fit(
+        self, matrix: WriterMatrix, *, device: str | torch.device = "cpu", progress: bool = False
+    ):
+        _ = self.config  # validate before any work
+        self.device_ = torch.device(device)
+        self.matrix_ = MatrixInfo.of(matrix)
+        self._fit(matrix, progress=progress)
+        return self
+
+    def generate(self, writer: str, label: int, n: int, seed: int = 0) -> np.ndarray:
+        """n new images for cell (writer, label): uint8 (n, 28, 28), the same for the same seed."""
+        self.check_fitted()
+        self.matrix_.row(writer), self.matrix_.col(label)  # clear errors for unknown ids
+        if n < 0:
+            raise InkfillError("n must be >= 0")
+        return self._generate(str(writer), int(label), int(n), cell_generator(seed, writer, label))
+
+    def check_fitted(self) -> None:
+        if not hasattr(self, "matrix_"):
+            raise NotFittedError(
+                f"{self.name} is not fitted: call fit(matrix) or load(run_dir) first"
+            )
+
+    def to(self, device: str | torch.device):
+        self.device_ = torch.device(device)
+        for module in self._modules():
+            module.to(self.device_)
+        return self
+
+    # -- reporting (optional) ------------------------------------------------------------------
+
+    def evaluate(self, matrix: WriterMatrix, progress: bool = False) -> dict:
+        """Method-specific checks written to RUN/metrics.json after fit."""
+        return {}
+
+    def format_metrics(self, metrics: dict) -> str:
+        """A plain-text table of `evaluate`'s result, for the CLI to print."""
+        return ""
+
+    def save_figures(self, matrix: WriterMatrix, out_dir: Path, level: str, metrics: dict) -> None:
+        """Figures for RUN/figures; level is "some" or "all"."""
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def save(self, run_dir: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write config.json (method, params, `extra`), matrix.json and model.safetensors."""
+        self.check_fitted()
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tensors, state_extra = self._state()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        blob = {"method": self.name, "params": self.get_params(), **state_extra, **(extra or {})}
+        write_json(run_dir / CONFIG_FILE, blob)
+        write_json(run_dir / MATRIX_FILE, self.matrix_.to_json())
+        tmp = atomic_path(run_dir / WEIGHTS_FILE)
+        save_file(tensors, str(tmp))
+        os.replace(tmp, run_dir / WEIGHTS_FILE)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Method:
+        run_dir = Path(run_dir)
+        config = read_json(run_dir / CONFIG_FILE)
+        self = cls(**config.get("params", {}))
+        self.matrix_ = MatrixInfo.from_json(read_json(run_dir / MATRIX_FILE))
+        self.device_ = torch.device(device)
+        try:
+            tensors = load_file(str(run_dir / WEIGHTS_FILE))
+        except FileNotFoundError:
+            raise InkfillError(
+                f"{run_dir}: missing {WEIGHTS_FILE}: not a complete inkfill run"
+            ) from None
+        except Exception as e:  # safetensors raises its own error types on corrupt headers
+            raise InkfillError(f"{run_dir / WEIGHTS_FILE}: corrupt or truncated ({e})") from None
+        try:
+            self._set_state(tensors, config)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise InkfillError(f"{run_dir}: weights do not match the config ({e})") from None
+        return self.to(device)
+
+    # -- for subclasses ----------------------------------------------------------------------
+
+    def _fit(self, matrix: WriterMatrix, progress: bool) -> None:
+        raise NotImplementedError
+
+    def _generate(self, writer: str, label: int, n: int, rng: torch.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors for the safetensors file and extra JSON for config.json."""
+        raise NotImplementedError
+
+    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        raise NotImplementedError
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return []
+
+
+def fill(
+    method: Method, cells: Sequence[Cell], per_cell: int, seed: int = 0, progress=None
+) -> Dataset:
+    """Generate `per_cell` images for each requested empty cell, as a Dataset in the input format.
+
+    Observed cells are refused: imputation never alters (or adds to) what was observed.
+    """
+    method.check_fitted()
+    info = method.matrix_
+    for writer, label in cells:
+        if info.is_observed(writer, label):
+            raise DataError(
+                f"cell ({writer}, {label}) is observed in the data; only empty cells are filled"
+            )
+    parts = []
+    for writer, label in cells:
+        images = method.generate(writer, label, per_cell, seed)
+        parts.append(Dataset(images, np.full(len(images), label), np.full(len(images), writer)))
+        if progress is not None:
+            progress.update(1)
+    if not parts:
+        return Dataset(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), np.zeros(0, str))
+    return Dataset.concat(parts)
+
+
+def write_json(path: Path, blob: Any) -> None:
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(blob, indent=1, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any):
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InkfillError(f"{path}: missing: not an inkfill run directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InkfillError(f"{path}: corrupt or truncated ({e})") from None

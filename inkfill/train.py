@@ -1,0 +1,204 @@
+"""Plain training functions, one explicit loop each; losses are small functions beside them.
+
+Everything here takes tensors that already sit on the training device, never paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def bce_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator's side of the seed's min-max game: -log D(x) - log(1 - D(G(z)))."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def bce_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The non-saturating generator loss, -log D(G(z)) (Goodfellow et al. 2014, section 3)."""
+    return F.softplus(-fake_logits).mean()
+
+
+def batches(n: int, batch_size: int, rng: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless minibatch indices: shuffled epochs, the last short batch of each dropped.
+    A set smaller than one batch is drawn whole each step."""
+    batch_size = min(batch_size, n)
+    while True:
+        perm = torch.randperm(n, generator=rng)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast where asked for and supported (CPU, CUDA), a no-op otherwise."""
+    if not enabled or device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_gan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    real: torch.Tensor,
+    classes: torch.Tensor | None = None,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-4,
+    beta1: float = 0.5,
+    rng: torch.Generator,
+    log_every: int = 10,
+    bf16: bool = False,
+    negatives: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    negative_weight: float = 0.0,
+    progress=None,
+) -> dict[str, list[float]]:
+    """DCGAN training (Radford et al.): BCE loss, Adam(lr, (beta1, 0.999)), alternating D and G.
+
+    real: (N, 1, 28, 28) in [-1, 1]; classes: (N,) ids for a conditional pair, else None.
+    Fake images are drawn for the classes of each real batch. With `negatives`, a function of the
+    batch's indices returning real (images, classes) that must count as fake, the discriminator
+    also learns to reject them with weight `negative_weight` (negative data augmentation, Sinha
+    et al. 2021; for a conditional pair, mismatched classes as in Reed et al. 2016). Returns the
+    loss history, one entry per `log_every` steps (means over those steps). `progress` is a tqdm
+    bar or None.
+    """
+    device = real.device
+    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+    generator.train()
+    discriminator.train()
+    history: dict[str, list[float]] = {
+        "step": [],
+        "loss_d": [],
+        "loss_g": [],
+        "d_real": [],
+        "d_fake": [],
+    }
+    sums = torch.zeros(4)
+    index = batches(len(real), batch_size, rng)
+    for step in range(1, steps + 1):
+        idx = next(index).to(device)
+        x = real[idx]
+        y = None if classes is None else classes[idx]
+        z = torch.randn(len(idx), generator.nz, generator=rng).to(device)
+        with autocast(device, bf16):
+            fake = generator(z, y)
+            real_logits = discriminator(x, y)
+            fake_logits = discriminator(fake.detach(), y)
+            loss_d = bce_d_loss(real_logits.float(), fake_logits.float())
+            if negatives is not None and negative_weight > 0:
+                neg_x, neg_y = negatives(idx)
+                if len(neg_x):
+                    neg_logits = discriminator(neg_x, neg_y).float()
+                    loss_d = loss_d + negative_weight * F.softplus(neg_logits).mean()
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        with autocast(device, bf16):
+            loss_g = bce_g_loss(discriminator(fake, y).float())
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+
+        sums += torch.stack(
+            [
+                loss_d.detach().cpu(),
+                loss_g.detach().cpu(),
+                torch.sigmoid(real_logits.detach().float()).mean().cpu(),
+                torch.sigmoid(fake_logits.detach().float()).mean().cpu(),
+            ]
+        )
+        if step % log_every == 0 or step == steps:
+            n = (step - 1) % log_every + 1
+            means = (sums / n).tolist()
+            history["step"].append(step)
+            for key, value in zip(("loss_d", "loss_g", "d_real", "d_fake"), means):
+                history[key].append(value)
+            sums.zero_()
+            if not all(map(_finite, means[:2])):
+                raise FloatingPointError(
+                    f"non-finite GAN loss at step {step}: D {means[0]}, G {means[1]}"
+                )
+        if progress is not None:
+            progress.update(1)
+    generator.eval()
+    discriminator.eval()
+    return history
+
+
+def _finite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
+
+
+def train_feature_net(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    writers: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    rng: torch.Generator,
+    progress=None,
+) -> dict[str, list[float]]:
+    """Cross-entropy on both heads of a FeatureNet (label and writer), AdamW, cosine decay.
+
+    images (N, 1, 28, 28) in [-1, 1]; labels and writers (N,) column/row ids. Images are
+    shifted by up to two pixels at random, so the net keys on stroke style, not position.
+    """
+    steps_per_epoch = max(1, len(images) // batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch
+    )
+    history: dict[str, list[float]] = {"epoch": [], "loss": [], "label_acc": [], "writer_acc": []}
+    net.train()
+    index = batches(len(images), batch_size, rng)
+    for epoch in range(1, epochs + 1):
+        sums = torch.zeros(3)
+        for _ in range(steps_per_epoch):
+            idx = next(index).to(images.device)
+            x = random_shift(images[idx], 2, rng)
+            emb = net(x)
+            label_logits, writer_logits = net.label_head(emb), net.writer_head(emb)
+            loss = F.cross_entropy(label_logits, labels[idx]) + F.cross_entropy(
+                writer_logits, writers[idx]
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                sums += torch.stack(
+                    [
+                        loss.detach().cpu(),
+                        (label_logits.argmax(1) == labels[idx]).float().mean().cpu(),
+                        (writer_logits.argmax(1) == writers[idx]).float().mean().cpu(),
+                    ]
+                )
+            if progress is not None:
+                progress.update(1)
+        means = (sums / steps_per_epoch).tolist()
+        history["epoch"].append(epoch)
+        for key, value in zip(("loss", "label_acc", "writer_acc"), means):
+            history[key].append(value)
+    net.eval()
+    return history
+
+
+def random_shift(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to max_shift pixels (zero padding = background at -1)."""
+    b, size, device = len(images), images.shape[-1], images.device
+    padded = F.pad(images, (max_shift,) * 4, value=-1.0)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=rng).to(device)
+    rows = offsets[:, 0, None] + torch.arange(size, device=device)  # (B, 28)
+    cols = offsets[:, 1, None] + torch.arange(size, device=device)
+    batch = torch.arange(b, device=device)[:, None, None]
+    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)

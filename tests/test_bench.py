@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import make_dataset
+
+from inkfill.bench import results_markdown, run_bench, split_reference
+from inkfill.cli import main
+from inkfill.config import BenchConfig, FeatureConfig
+from inkfill.data import WriterMatrix, load_dataset
+
+TINY_GAN = dict(n_clusters=2, n_components=8, ngf=8, ndf=8, nz=16, label_steps=4, cluster_steps=2)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INKFILL_CACHE", str(tmp_path / "cache"))
+
+
+def test_split_reference_halves_every_cell(tiny):
+    m = WriterMatrix(tiny)
+    train, ref = split_reference(m, seed=0)
+    assert len(np.intersect1d(train, ref)) == 0
+    assert len(train) + len(ref) == len(tiny)
+    for writer, label in m.cells(observed=True):
+        idx = m.indices(writer, label)
+        assert np.isin(idx, train).sum() == (len(idx) + 1) // 2
+
+
+def _bench(tmp_path, name):
+    matrix = WriterMatrix(make_dataset(n_writers=16, seed=5))
+    config = BenchConfig(
+        methods="generic,retrieval,linear,cluster-gan",
+        hidden_cells=5,
+        per_cell=4,
+        seed=3,
+        figure_cells=3,
+    )
+    return run_bench(
+        matrix, config, tmp_path / name, device=__import__("torch").device("cpu"),
+        feature_config=FeatureConfig(epochs=2, width=8, dim=16, batch_size=32),
+        method_params={"cluster-gan": TINY_GAN},
+    )  # fmt: skip
+
+
+def _strip_times(rows):
+    return {n: {k: v for k, v in r.items() if not k.endswith("_seconds")} for n, r in rows.items()}
+
+
+def test_bench_runs_end_to_end_and_is_reproducible(tmp_path):
+    first = _bench(tmp_path, "a")
+    assert list(first["rows"]) == [
+        "ceiling (real)",
+        "generic",
+        "retrieval",
+        "linear",
+        "cluster-gan",
+    ]
+    for row in first["rows"].values():
+        assert 0 < row["mrr"] <= 1 and len(row["ranks"]) == 5 and np.isfinite(row["fid"])
+        assert 0 <= row["copy_rate"] <= 1 and 0 <= row["label_accuracy"] <= 1
+    assert "cluster_share" in first["rows"]["cluster-gan"]
+    # Retrieval hands out real training images: every one is a copy.
+    assert first["rows"]["retrieval"]["copy_rate"] == 1.0
+    for name in (
+        "results.md",
+        "results.json",
+        "figures/hidden_cells.png",
+        "figures/mrr.png",
+        "fills/linear.npz",
+    ):
+        assert (tmp_path / "a" / name).exists(), name
+    assert (tmp_path / "a" / "runs" / "cluster-gan" / "model.safetensors").exists()
+    second = _bench(tmp_path, "b")  # judge now comes from the cache: same numbers
+    assert second["judge"]["cached"] and not first["judge"]["cached"]
+    assert _strip_times(first["rows"]) == _strip_times(second["rows"])
+    md = results_markdown(first)
+    assert md.count("\n| ") == 6 and "ceiling (real)" in md
+
+
+def test_bench_cli_refuses_bad_sets(tiny_npz, tmp_path, capsys):
+    for argv, words in [
+        (["--set", "cluster-gan.nope=1"], "no parameter"),
+        (["--set", "cluster-gan.ngf=many"], "not a int"),
+        (["--set", "generic"], "METHOD.PARAM=VALUE"),
+        (["--methods", "generic,unknown"], "unknown method"),
+        (["--methods", "generic", "--set", "linear.rank=2"], "not among --methods"),
+    ]:
+        code = main(
+            ["bench", "--data", str(tiny_npz), "--out", str(tmp_path / "b"), "--no-progress", *argv]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits, tmp_path, capsys):
+    """On real FEMNIST the judge must tell writers apart: the real ceiling far above generic."""
+    argv = [
+        "bench",
+        "--data",
+        real_digits,
+        "--methods",
+        "generic,retrieval,linear",
+        "--hidden-cells",
+        60,
+    ]
+    argv += ["--per-cell", 8, "--feature-epochs", 3, "--out", tmp_path / "real", "--no-progress"]
+    code = main([str(a) for a in argv])
+    assert code == 0
+    rows = json.loads((tmp_path / "real" / "results.json").read_text())["rows"]
+    ceiling, generic = rows["ceiling (real)"], rows["generic"]
+    assert ceiling["mrr"] > 3 * generic["mrr"]
+    assert generic["mrr"] < 3 * ceiling["chance_mrr"]
+    assert ceiling["label_accuracy"] > 0.9
+    assert len(load_dataset(tmp_path / "real" / "fills" / "generic.npz")) == 60 * 8
