@@ -128,11 +128,12 @@ class RetrievalConfig:
 
 @dataclass(frozen=True)
 class LinearConfig:
-    """Low-rank completion of per-cell mean images (SoftImpute) plus real within-cell variation."""
+    """Low-rank completion (SoftImpute) of per-cell mean images in per-label PCA spaces."""
 
     rank: int = param(8, "linear: largest rank of the completed writers x (labels x PCA) matrix")
-    shrink: float = param(
-        0.02, "linear: SoftImpute threshold, a fraction of the top singular value"
+    shrink: float = param(0.1, "linear: SoftImpute threshold, a share of the top singular value")
+    render: str = param(
+        "nearest", "linear: nearest (real images nearest the completed mean) or pca (synthesised)"
     )
     n_components: int = param(32, "PCA dimensions of each label's space")
     seed: int = param(0, "seed of the PCA")
@@ -142,6 +143,8 @@ class LinearConfig:
             raise InkfillError("--rank and --n-components must be at least 1")
         if not 0 <= self.shrink < 1:
             raise InkfillError("--shrink must be in [0, 1)")
+        if self.render not in ("pca", "nearest"):
+            raise InkfillError("--render must be pca or nearest")
 
 
 @dataclass(frozen=True)
@@ -172,3 +175,55 @@ class BenchConfig:
             raise InkfillError("--hidden-cells must be >= 1 and --per-cell >= 2")
         if not [m for m in self.methods.split(",") if m.strip()]:
             raise InkfillError("--methods: name at least one method")
+
+
+@dataclass(frozen=True)
+class EmbedGANConfig:
+    """The seed's approach 1: a learned embedding per writer and per label, and a GAN F(i*, j*)."""
+
+    style_dim: int = param(64, "size of a writer's style code")
+    nz: int = param(32, "noise size: the variation within one cell")
+    ngf: int = param(32, "generator width")
+    ndf: int = param(32, "discriminator width")
+    steps: int = param(8000, "training steps")
+    batch_cells: int = param(32, "cells per step")
+    samples_per_cell: int = param(2, "generated images per cell and step")
+    lr: float = param(2e-4, "Adam learning rate")
+    beta1: float = param(0.5, "Adam beta1")
+    mean_weight: float = param(10.0, "L1 between a cell's generated and real mean image")
+    label_weight: float = param(1.0, "auxiliary label classifier loss (AC-GAN)")
+    judge_style: bool = param(True, "the discriminator also judges the writer (style projection)")
+    shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
+    truncation: float = param(1.0, "sampling: z ~ truncation * N(0, I)")
+    bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
+    seed: int = param(0, "seed of initialisation and training")
+
+    def __post_init__(self):
+        for name in ("style_dim", "nz", "ngf", "ndf", "batch_cells", "samples_per_cell"):
+            if getattr(self, name) < 1:
+                raise InkfillError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps < 0 or self.shift < 0 or not self.truncation > 0:
+            raise InkfillError("--steps and --shift must be >= 0 and --truncation > 0")
+
+
+@dataclass(frozen=True)
+class EncoderGANConfig(EmbedGANConfig):
+    """The seed's approach 2: a style encoder reads any set of a writer's images."""
+
+    style_images: int = param(
+        8, "encoder: at most this many of the writer's images per style set in training"
+    )
+    fill_style_images: int = param(32, "encoder: images of the writer read to fill a cell")
+    style_weight: float = param(
+        1.0, "encoder: the style read back from generated images must match"
+    )
+    encoder: str = param(
+        "joint", "joint: trained with the GAN; classifier: frozen label+writer classifier features"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.style_images < 1 or self.fill_style_images < 1:
+            raise InkfillError("--style-images and --fill-style-images must be at least 1")
+        if self.encoder not in ("joint", "classifier"):
+            raise InkfillError("--encoder must be joint or classifier")

@@ -355,6 +355,20 @@ class WriterMatrix:
     def empty_cells(self) -> list[Cell]:
         return self.cells(observed=False)
 
+    def cell_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Observed cells as arrays, for vectorised sampling.
+
+        Returns rows (n_cells,), cols (n_cells,) and members (n_cells, max_count) holding the
+        image indices of each cell, padded with -1.
+        """
+        flat = np.flatnonzero(self.counts.ravel())
+        rows, cols = np.divmod(flat, self.n_labels)
+        members = np.full((len(flat), int(self.counts.max(initial=0))), -1, dtype=np.int64)
+        for k, f in enumerate(flat):
+            idx = self._order[self._starts[f] : self._starts[f + 1]]
+            members[k, : len(idx)] = idx
+        return rows, cols, members
+
     def summary(self) -> dict:
         per_cell = self.counts[self.observed]
         return {

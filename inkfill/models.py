@@ -1,10 +1,13 @@
 """nn.Modules only: DCGAN generator and discriminator for 28x28 images (Radford et al. 2016,
-adapted from 64x64), optionally conditioned on a class id (the seed's (label, cluster) pairs).
+adapted from 64x64), optionally conditioned on a class id (the seed's (label, cluster) pairs);
+the personal generators' style encoder, FiLM generator and projection discriminator; the bench's
+judge network.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,7 +18,7 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
@@ -118,3 +121,119 @@ class FeatureNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
+
+
+class StyleEncoder(nn.Module):
+    """A set of one writer's images, of any labels and any count -> one style code.
+
+    Each image is read with its label (so the label's own shape can be discounted), mapped to a
+    vector, and the set is averaged under a mask: images (B, K, 1, 28, 28), labels (B, K),
+    mask (B, K) -> (B, style_dim). Order and count do not matter.
+    """
+
+    def __init__(self, n_labels: int, style_dim: int = 64, width: int = 32, hidden: int = 128):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, width, 4, 2, 1),  # (B*K, w, 14, 14)
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, 2 * width, 4, 2, 1),  # (B*K, 2w, 7, 7)
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Flatten(),
+            nn.Linear(2 * width * 49, hidden),
+        )
+        self.label = nn.Embedding(n_labels, hidden)
+        self.head = nn.Sequential(
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, style_dim),
+        )
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        b, k = labels.shape
+        h = self.conv(images.reshape(b * k, 1, 28, 28)) + self.label(labels.reshape(-1))
+        h = self.head(h).view(b, k, -1)
+        w = mask.float().unsqueeze(-1)
+        return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+class FiLMGenerator(nn.Module):
+    """z (B, nz) and a condition (B, cond_dim) -> image (B, 1, 28, 28) in [-1, 1].
+
+    The DCGAN generator, with the condition (a writer's style and a label) both concatenated to
+    z and modulating each batch norm's scale and shift (FiLM, Perez et al. 2018).
+    """
+
+    def __init__(self, nz: int, cond_dim: int, ngf: int = 32):
+        super().__init__()
+        self.nz = nz
+        self.fc = nn.Linear(nz + cond_dim, ngf * 4 * 49)
+        self.up1 = nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False)  # 7 -> 14
+        self.up2 = nn.ConvTranspose2d(ngf * 2, 1, 4, 2, 1)  # 14 -> 28
+        self.norm0 = nn.BatchNorm2d(ngf * 4, affine=False)
+        self.norm1 = nn.BatchNorm2d(ngf * 2, affine=False)
+        self.film0 = nn.Linear(cond_dim, 2 * ngf * 4)
+        self.film1 = nn.Linear(cond_dim, 2 * ngf * 2)
+        self.ngf = ngf
+        dcgan_init(self)
+        for film in (self.film0, self.film1):  # start as plain batch norm: scale 1, shift 0
+            nn.init.zeros_(film.weight)
+            nn.init.zeros_(film.bias)
+
+    @staticmethod
+    def _modulate(x, norm, film, cond):
+        gamma, beta = film(cond).chunk(2, dim=1)
+        return F.relu(norm(x) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
+
+    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = self.fc(torch.cat([z, cond], dim=1)).view(len(z), self.ngf * 4, 7, 7)
+        x = self._modulate(x, self.norm0, self.film0, cond)
+        x = self._modulate(self.up1(x), self.norm1, self.film1, cond)
+        return torch.tanh(self.up2(x))
+
+
+class PersonalDiscriminator(nn.Module):
+    """image (B, 1, 28, 28), label (B,), style (B, style_dim) or None -> (logit (B,), label logits).
+
+    Projection discriminator on the label and (optionally) on the writer's style code, so it
+    judges (image, writer, label); an auxiliary head classifies the label (AC-GAN).
+    """
+
+    def __init__(self, n_labels: int, style_dim: int = 0, ndf: int = 32):
+        super().__init__()
+        self.features = Discriminator(ndf).features  # the DCGAN trunk: (B, 2ndf*49)
+        n_features = ndf * 2 * 49
+        self.out = nn.Linear(n_features, 1)
+        self.label_embed = nn.Embedding(n_labels, n_features)
+        self.style_proj = nn.Linear(style_dim, n_features, bias=False) if style_dim else None
+        self.label_head = nn.Linear(n_features, n_labels)
+        dcgan_init(self)
+        nn.init.zeros_(self.label_embed.weight)
+        if self.style_proj is not None:
+            nn.init.zeros_(self.style_proj.weight)
+
+    def forward(self, images, labels, style=None):
+        h = self.features(images)
+        logit = self.out(h).squeeze(1) + (self.label_embed(labels) * h).sum(1)
+        if self.style_proj is not None and style is not None:
+            logit = logit + (self.style_proj(style) * h).sum(1)
+        return logit, self.label_head(h)
+
+
+class PersonalGenerator(nn.Module):
+    """(z (B, nz), style (B, style_dim), labels (B,)) -> image: a FiLMGenerator whose condition is
+    the writer's style code beside a learned label embedding."""
+
+    def __init__(
+        self, n_labels: int, style_dim: int = 64, nz: int = 32, ngf: int = 32, label_dim: int = 32
+    ):
+        super().__init__()
+        self.nz = nz
+        self.label_embed = nn.Embedding(n_labels, label_dim)
+        nn.init.normal_(self.label_embed.weight, 0.0, 1.0)
+        self.net = FiLMGenerator(nz, style_dim + label_dim, ngf)
+
+    def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.net(z, torch.cat([style, self.label_embed(labels)], dim=1))

@@ -202,3 +202,118 @@ def random_shift(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> 
     cols = offsets[:, 1, None] + torch.arange(size, device=device)
     batch = torch.arange(b, device=device)[:, None, None]
     return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
+def train_personal_gan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    style_params: list[nn.Parameter],
+    sample: Callable[[], dict[str, torch.Tensor]],
+    style_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    restyle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    *,
+    steps: int,
+    samples_per_cell: int = 2,
+    lr: float = 2e-4,
+    beta1: float = 0.5,
+    mean_weight: float = 10.0,
+    label_weight: float = 1.0,
+    style_weight: float = 1.0,
+    judge_style: bool = True,
+    shift: int = 2,
+    rng: torch.Generator,
+    bf16: bool = False,
+    log_every: int = 10,
+    progress=None,
+) -> dict[str, list[float]]:
+    """Train a personal generator G(z, style, label) against a PersonalDiscriminator.
+
+    Each step `sample()` draws observed cells: "real" (B, 1, 28, 28) one real image of each,
+    "mean" (B, 1, 28, 28) the cell's mean image, "labels" (B,), and whatever `style_of` needs to
+    compute the writers' style codes (B, style_dim) (a table lookup, or a style encoder reading
+    other images of the writer). G draws `samples_per_cell` images per cell. Its loss:
+
+    - adversarial (non-saturating BCE) against D, which judges (image, label[, style]) and has an
+      auxiliary label classifier (AC-GAN), both weighted by `label_weight` on the class term;
+    - `mean_weight` * L1 between the mean of a cell's generated images and its real mean image:
+      the fill must look like *this* writer's label, while D keeps single images sharp;
+    - `style_weight` * L1 between restyle(fake) (the style read back from a generated image) and
+      the style it was made from, where `restyle` is given (the encoder method).
+
+    D sees every image translated by up to `shift` pixels (differentiable augmentation, Zhao et
+    al. 2020), so that it cannot memorise the few images of each writer.
+    """
+    device = next(generator.parameters()).device
+    opt_g = torch.optim.Adam([*generator.parameters(), *style_params], lr=lr, betas=(beta1, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+    generator.train()
+    discriminator.train()
+    keys = ("loss_d", "loss_g", "adv", "mean", "style", "d_label_acc")
+    history: dict[str, list[float]] = {"step": [], **{k: [] for k in keys}}
+    sums = torch.zeros(len(keys))
+    m = samples_per_cell
+
+    def judge(images, labels, style):
+        return discriminator(
+            random_shift(images, shift, rng) if shift else images,
+            labels,
+            style if judge_style else None,
+        )
+
+    for step in range(1, steps + 1):
+        batch = sample()
+        labels = batch["labels"]
+        labels_m = labels.repeat_interleave(m)
+        with autocast(device, bf16):
+            style = style_of(batch)  # (B, style_dim)
+            style_m = style.repeat_interleave(m, dim=0)
+            z = torch.randn(len(labels_m), generator.nz, generator=rng).to(device)
+            fake = generator(z, style_m, labels_m)  # (B*m, 1, 28, 28)
+
+            real_logit, real_cls = judge(batch["real"], labels, style.detach())
+            fake_logit, _ = judge(fake.detach(), labels_m, style_m.detach())
+            loss_d = bce_d_loss(real_logit.float(), fake_logit.float())
+            loss_d = loss_d + label_weight * F.cross_entropy(real_cls.float(), labels)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        with autocast(device, bf16):
+            fake_logit, fake_cls = judge(fake, labels_m, style_m.detach())
+            adv = bce_g_loss(fake_logit.float()) + label_weight * F.cross_entropy(
+                fake_cls.float(), labels_m
+            )
+            cell_mean = fake.float().view(len(labels), m, *fake.shape[1:]).mean(1)
+            mean = (cell_mean - batch["mean"]).abs().mean()
+            loss_g = adv + mean_weight * mean
+            style_loss = torch.zeros((), device=device)
+            if restyle is not None and style_weight > 0:
+                style_loss = (
+                    (restyle(fake, labels_m).float() - style_m.detach().float()).abs().mean()
+                )
+                loss_g = loss_g + style_weight * style_loss
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+
+        with torch.no_grad():
+            acc = (real_cls.argmax(1) == labels).float().mean()
+            sums += torch.stack(
+                [t.detach().float().cpu() for t in (loss_d, loss_g, adv, mean, style_loss, acc)]
+            )
+        if step % log_every == 0 or step == steps:
+            n = (step - 1) % log_every + 1
+            means = (sums / n).tolist()
+            history["step"].append(step)
+            for key, value in zip(keys, means):
+                history[key].append(value)
+            sums.zero_()
+            if not all(map(_finite, means[:2])):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step}: D {means[0]}, G {means[1]}"
+                )
+        if progress is not None:
+            progress.update(1)
+    generator.eval()
+    discriminator.eval()
+    return history

@@ -25,9 +25,11 @@ def _source_rows(matrix, images, label):
     return out
 
 
-@pytest.mark.parametrize("cls", [Generic, Retrieval, Linear])
-def test_contract(cls, matrix, tmp_path):
-    m = cls().fit(matrix)
+@pytest.mark.parametrize(
+    "cls, params", [(Generic, {}), (Retrieval, {}), (Linear, {}), (Linear, {"render": "pca"})]
+)
+def test_contract(cls, params, matrix, tmp_path):
+    m = cls(**params).fit(matrix)
     writer, label = matrix.empty_cells()[0]
     a = m.generate(writer, label, 6, seed=1)
     assert a.shape == (6, 28, 28) and a.dtype == np.uint8
@@ -99,3 +101,10 @@ def test_linear_mean_image_is_closer_to_the_writer_than_the_label_mean(matrix):
         ours += np.abs(m.mean_image(cell.writer, cell.label) - truth).sum()
         theirs += np.abs(label_mean - truth).sum()
     assert ours < 0.95 * theirs
+
+
+def test_linear_nearest_render_returns_real_images_of_other_writers(matrix):
+    m = Linear(rank=2).fit(matrix)
+    writer, label = matrix.empty_cells()[0]
+    for rows in _source_rows(matrix, m.generate(writer, label, 5, seed=0), label):
+        assert matrix.row(writer) not in rows

@@ -11,9 +11,10 @@ from ..config import InkfillError
 from .base import CONFIG_FILE, Method, fill, read_json
 from .baselines import Generic, Linear, Retrieval
 from .clustergan import ClusterGAN
+from .personal import EmbedGAN, EncoderGAN
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Generic, Retrieval, Linear, ClusterGAN)
+    cls.name: cls for cls in (Generic, Retrieval, Linear, ClusterGAN, EmbedGAN, EncoderGAN)
 }
 
 

@@ -4,7 +4,8 @@
 - retrieval: real images of j from the k writers most similar to i on the labels both have;
 - linear: the seed's "linear matrix completion": low-rank completion (SoftImpute, Mazumder et al.
   2010) of the writers x labels matrix of per-cell mean images in a per-label PCA space, plus the
-  within-cell variation of real images of j.
+  within-cell variation of real images of j in that space; images are PCA reconstructions
+  (render="pca"), or the real images of j nearest to the completed mean (render="nearest").
 """
 
 from __future__ import annotations
@@ -162,13 +163,13 @@ class Linear(_ImageBank):
         self.completed_ = completed.reshape(n_w, n_l, p).astype(np.float32)
         self.pca_mean_ = np.stack([m for m, _ in pcas])  # (n_labels, 784)
         self.pca_components_ = np.stack([c for _, c in pcas])  # (n_labels, p, 784)
-        # Each real image minus its own cell's mean image: the variation within a cell.
-        cell_mean = self.pca_mean_[self.cols_] + np.einsum(
-            "np,npd->nd", means[self.rows_, self.cols_], self.pca_components_[self.cols_]
+        # Each real image minus its own cell's mean, in its label's PCA space: the variation
+        # within a cell, which a linear model adds to the completed mean.
+        x = self.images_.reshape(len(self.images_), -1).astype(np.float32) / 255.0
+        coords = np.einsum(
+            "nd,npd->np", x - self.pca_mean_[self.cols_], self.pca_components_[self.cols_]
         )
-        self.residuals_ = (self.images_.reshape(len(self.images_), -1) / 255.0 - cell_mean).astype(
-            np.float32
-        )
+        self.residuals_ = (coords - means[self.rows_, self.cols_]).astype(np.float32)
 
     def mean_image(self, writer: str, label: int) -> np.ndarray:
         """The completed cell's mean image, float (784,) in pixel units [0, 1]."""
@@ -178,8 +179,20 @@ class Linear(_ImageBank):
     def _generate(self, writer, label, n, rng):
         row, col = self.matrix_.row(writer), self.matrix_.col(label)
         pool = np.flatnonzero((self.cols_ == col) & (self.rows_ != row))
-        x = self.mean_image(writer, label)[None] + self.residuals_[self._pick(pool, n, rng)]
+        target = self.completed_[row, col]
+        if self.render == "nearest":
+            # Real images of j from other writers nearest to the completed mean (copies, but sharp).
+            coords = self.residuals_[pool] + self._cell_mean_of(pool)
+            dist = ((coords - target) ** 2).sum(1)
+            closest = pool[np.argsort(dist, kind="stable")[: 2 * n]]
+            return self.images_[self._pick(closest, n, rng)]
+        coords = target[None] + self.residuals_[self._pick(pool, n, rng)]
+        x = self.pca_mean_[col] + coords @ self.pca_components_[col]
         return (np.clip(x, 0, 1) * 255).round().astype(np.uint8).reshape(n, 28, 28)
+
+    def _cell_mean_of(self, index: np.ndarray) -> np.ndarray:
+        """The (observed, so completed = observed) cell mean of the images at `index`."""
+        return self.completed_[self.rows_[index], self.cols_[index]]
 
     def _state(self):
         arrays = {

@@ -1,0 +1,293 @@
+"""Generators that learn each writer's style: the seed's approaches 1 and 2.
+
+- embed-gan (A1): F(i*, j*): a learned embedding per writer i and per label j, and a GAN
+  generator G(z, i*, j*); the writer embeddings are learned from the cells each writer has.
+- encoder-gan (A2): the writer's embedding is read from their images by a style encoder shared
+  by all writers, so it also fills cells of writers never seen in training, from a few images.
+
+Both train with the same objective (train.train_personal_gan): a projection discriminator on
+(image, label, style) with an auxiliary label classifier, and an L1 loss between the mean of a
+cell's generated images and the mean of its real images.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import EmbedGANConfig, EncoderGANConfig, InkfillError
+from ..data import WriterMatrix, to_images, to_model
+from ..models import FeatureNet, PersonalDiscriminator, PersonalGenerator, StyleEncoder
+from ..train import train_feature_net, train_personal_gan
+from .base import Method, cell_seed
+
+log = logging.getLogger(__name__)
+
+
+class _CellSampler:
+    """Random observed cells with one real image, the cell's mean image, and (for the encoder) a
+    style set: up to `style_images` other images of the same writer with other labels."""
+
+    def __init__(self, matrix: WriterMatrix, device, batch_cells: int, style_images: int, rng):
+        self.device, self.batch_cells, self.k, self.rng = device, batch_cells, style_images, rng
+        rows, cols, members = matrix.cell_table()
+        n_labels_of = (matrix.counts > 0).sum(1)
+        keep = n_labels_of[rows] >= 2  # a style set needs another label of the same writer
+        self.rows, self.cols, self.members = (
+            torch.as_tensor(a[keep]) for a in (rows, cols, members)
+        )
+        self.counts = (self.members >= 0).sum(1)
+        self.images = to_model(matrix.data.images, device)  # (N, 1, 28, 28)
+        self.image_cols = torch.as_tensor(matrix.cols)
+        # Each cell's mean image: sum its images with index_add, divide by the count.
+        cell_of = torch.full((len(matrix.data),), -1, dtype=torch.long)
+        valid = self.members >= 0
+        cell_of[self.members[valid]] = torch.arange(len(self.rows))[:, None].expand_as(
+            self.members
+        )[valid]
+        sums = torch.zeros(len(self.rows), 784, device=device)
+        has = (cell_of >= 0).to(device)
+        sums.index_add_(0, cell_of.to(device)[has], self.images.view(-1, 784)[has])
+        self.means = (sums / self.counts.to(device)[:, None]).view(-1, 1, 28, 28)
+        # Each writer's images, padded with -1.
+        order = np.argsort(matrix.rows, kind="stable")
+        counts_w = np.bincount(matrix.rows, minlength=matrix.n_writers)
+        table = np.full((matrix.n_writers, counts_w.max()), -1, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts_w)])
+        for r in range(matrix.n_writers):
+            table[r, : counts_w[r]] = order[starts[r] : starts[r + 1]]
+        self.writer_images, self.writer_counts = torch.as_tensor(table), torch.as_tensor(counts_w)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        b, k, g = self.batch_cells, self.k, self.rng
+        cell = torch.randint(len(self.rows), (b,), generator=g)
+        rows, cols = self.rows[cell], self.cols[cell]
+        pick = (torch.rand(b, generator=g) * self.counts[cell]).long()
+        real = self.members[cell, pick]
+        # Style sets: k draws among the writer's images, keeping other labels and a random size.
+        pos = (torch.rand(b, k, generator=g) * self.writer_counts[rows, None]).long()
+        style_idx = self.writer_images[rows[:, None], pos]  # (B, K)
+        size = torch.randint(1, k + 1, (b, 1), generator=g)
+        mask = (self.image_cols[style_idx] != cols[:, None]) & (torch.arange(k)[None] < size)
+        dev = self.device
+        return {
+            "rows": rows.to(dev),
+            "labels": cols.to(dev),
+            "real": self.images[real.to(dev)],
+            "mean": self.means[cell.to(dev)],
+            "style_images": self.images[style_idx.to(dev)],  # (B, K, 1, 28, 28)
+            "style_labels": self.image_cols[style_idx].to(dev),
+            "style_mask": mask.to(dev),
+        }
+
+
+class _PersonalGAN(Method):
+    """What embed-gan and encoder-gan share: the generator, training, sampling and state."""
+
+    def _style_modules(self) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def _fit(self, matrix: WriterMatrix, progress: bool) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            rng = torch.Generator().manual_seed(cell_seed(self.seed, "train", self.name))
+            k = getattr(self, "style_images", 1)
+            sampler = _CellSampler(matrix, self.device_, self.batch_cells, k, rng)
+            if not len(sampler):
+                raise InkfillError(f"{self.name}: no writer has two labels to learn a style from")
+            self.generator_ = PersonalGenerator(
+                matrix.n_labels, self.style_dim, self.nz, self.ngf
+            ).to(self.device_)
+            disc = PersonalDiscriminator(matrix.n_labels, self.style_dim, self.ndf).to(self.device_)
+            self._build_style(matrix, sampler, progress)
+            params = [
+                p for m in self._style_modules().values() for p in m.parameters() if p.requires_grad
+            ]
+            with tqdm(total=self.steps, desc=self.name, disable=not progress) as bar:
+                self.history_ = {
+                    self.name: train_personal_gan(
+                        self.generator_,
+                        disc,
+                        params,
+                        sampler,
+                        self._style_of,
+                        self._restyle(),
+                        steps=self.steps,
+                        samples_per_cell=self.samples_per_cell,
+                        lr=self.lr,
+                        beta1=self.beta1,
+                        mean_weight=self.mean_weight,
+                        label_weight=self.label_weight,
+                        style_weight=getattr(self, "style_weight", 0.0),
+                        judge_style=self.judge_style,
+                        shift=self.shift,
+                        rng=rng,
+                        bf16=self.bf16,
+                        progress=bar,
+                    )  # fmt: skip
+                }
+            for module in self._style_modules().values():
+                module.eval()
+            self.styles_ = self._writer_styles(matrix, sampler)
+
+    def _restyle(self):
+        return None
+
+    @torch.no_grad()
+    def _generate(self, writer, label, n, rng):
+        style = self.styles_[self.matrix_.row(writer)][None]
+        return self._sample(style, self.matrix_.col(label), n, rng)
+
+    @torch.no_grad()
+    def _sample(self, style: torch.Tensor, col: int, n: int, rng: torch.Generator) -> np.ndarray:
+        z = (self.truncation * torch.randn(n, self.nz, generator=rng)).to(self.device_)
+        labels = torch.full((n,), col, device=self.device_)
+        return to_images(self.generator_(z, style.to(self.device_).expand(n, -1), labels))
+
+    def _modules(self):
+        return [self.generator_, *self._style_modules().values()]
+
+    def _state(self):
+        tensors = {f"generator.{k}": v for k, v in self.generator_.state_dict().items()}
+        for name, module in self._style_modules().items():
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        tensors["styles"] = self.styles_
+        return tensors, {}
+
+    def _set_state(self, tensors, config):
+        n_labels = len(self.matrix_.label_ids)
+        self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf)
+        self._build_style_shell(n_labels)
+        for name, module in {"generator": self.generator_, **self._style_modules()}.items():
+            prefix = f"{name}."
+            module.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
+            module.eval()
+        self.styles_ = tensors["styles"]
+
+
+class EmbedGAN(_PersonalGAN):
+    """The seed's approach 1: a learned style embedding per writer (a lookup table)."""
+
+    name = "embed-gan"
+    Config = EmbedGANConfig
+
+    def _build_style(self, matrix, sampler, progress):
+        self.table_ = torch.nn.Embedding(matrix.n_writers, self.style_dim).to(self.device_)
+        torch.nn.init.normal_(self.table_.weight, 0.0, 1.0)
+
+    def _build_style_shell(self, n_labels):
+        self.table_ = torch.nn.Embedding(len(self.matrix_.writer_ids), self.style_dim)
+
+    def _style_modules(self):
+        return {"table": self.table_}
+
+    def _style_of(self, batch):
+        return self.table_(batch["rows"])
+
+    def _writer_styles(self, matrix, sampler):
+        return self.table_.weight.detach().clone()
+
+
+class EncoderGAN(_PersonalGAN):
+    """The seed's approach 2: a style encoder reads any set of a writer's images."""
+
+    name = "encoder-gan"
+    Config = EncoderGANConfig
+
+    def _build_style(self, matrix, sampler, progress):
+        self._build_style_shell(matrix.n_labels)
+        self.encoder_.to(self.device_)
+        if self.encoder == "classifier":
+            # The seed's suggestion: features of a network trained to classify label and writer,
+            # frozen; only a small head on top learns with the GAN.
+            x, net = sampler.images, self.encoder_.features
+            cols = torch.as_tensor(matrix.cols, device=self.device_)
+            rows = torch.as_tensor(matrix.rows, device=self.device_)
+            rng = torch.Generator().manual_seed(cell_seed(self.seed, "classifier", 0))
+            steps = 3 * max(1, len(x) // 128)
+            with tqdm(total=steps, desc="classifier", disable=not progress) as bar:
+                train_feature_net(net, x, cols, rows, epochs=3, rng=rng, progress=bar)
+            for p in net.parameters():
+                p.requires_grad_(False)
+
+    def _build_style_shell(self, n_labels):
+        if self.encoder == "classifier":
+            self.encoder_ = ClassifierStyle(n_labels, len(self.matrix_.writer_ids), self.style_dim)
+        else:
+            self.encoder_ = StyleEncoder(n_labels, self.style_dim)
+
+    def _style_modules(self):
+        return {"encoder": self.encoder_}
+
+    def _style_of(self, batch):
+        return self.encoder_(batch["style_images"], batch["style_labels"], batch["style_mask"])
+
+    def _restyle(self):
+        def read_back(fake, labels):
+            ones = torch.ones(len(fake), 1, dtype=torch.bool, device=fake.device)
+            return self.encoder_(fake[:, None], labels[:, None], ones)
+
+        return read_back
+
+    @torch.no_grad()
+    def style_from(self, images: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+        """The style code (style_dim,) of a set of one writer's images (uint8) and their labels."""
+        self.check_fitted()
+        cols = torch.as_tensor([self.matrix_.col(int(v)) for v in labels], device=self.device_)
+        x = to_model(images, self.device_)[None]  # (1, K, 1, 28, 28)
+        mask = torch.ones(1, len(images), dtype=torch.bool, device=self.device_)
+        return self.encoder_(x, cols[None], mask)[0]
+
+    @torch.no_grad()
+    def _writer_styles(self, matrix, sampler):
+        """Each training writer's style, read from up to fill_style_images of their images."""
+        rng = np.random.default_rng(self.seed)
+        styles = []
+        for r in range(matrix.n_writers):
+            idx = np.flatnonzero(matrix.rows == r)
+            idx = rng.permutation(idx)[: self.fill_style_images]
+            styles.append(self.style_from(matrix.data.images[idx], matrix.data.labels[idx]))
+        return torch.stack(styles).cpu()
+
+    def generate_from_reference(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        label: int,
+        n: int,
+        seed: int = 0,
+        name: str = "new",
+    ) -> np.ndarray:
+        """n images of `label` in the style of a writer known only from `images` (any labels)."""
+        self.check_fitted()
+        col = self.matrix_.col(label)
+        style = self.style_from(images, labels)
+        return self._sample(
+            style[None], col, n, torch.Generator().manual_seed(cell_seed(seed, name, label))
+        )
+
+
+class ClassifierStyle(torch.nn.Module):
+    """A frozen label+writer classifier's features, averaged over the set, then a small head."""
+
+    def __init__(self, n_labels: int, n_writers: int, style_dim: int):
+        super().__init__()
+        self.features = FeatureNet(n_labels, n_writers, width=16, dim=128)
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(128, 128), torch.nn.LeakyReLU(0.2), torch.nn.Linear(128, style_dim)
+        )
+
+    def forward(self, images, labels, mask):
+        b, k = labels.shape
+        self.features.eval()  # frozen, batch norm in inference mode
+        h = self.features(images.reshape(b * k, 1, 28, 28)).view(b, k, -1)
+        w = mask.float().unsqueeze(-1)
+        return self.head((h * w).sum(1) / w.sum(1).clamp_min(1.0))
