@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .config import BenchConfig, FeatureConfig, InkfillError
-from .data import HiddenCell, WriterMatrix, atomic_path, to_model
+from .data import Dataset, HiddenCell, WriterMatrix, atomic_path, to_model
 from .methods import fill, method_class
 from .methods.base import write_json
 from .models import FeatureNet
@@ -254,10 +254,21 @@ def run_bench(
     }
     for m in methods.values():
         _ = m.config  # validate hyperparameters before any work
-
-    reduced, hidden = matrix.holdout(config.hidden_cells, seed=config.seed)
-    echo(f"hid {len(hidden)} cells ({sum(len(h.images) for h in hidden):,} images); "
-         f"fitting on {len(reduced.data):,} images")  # fmt: skip
+    new = config.new_writers > 0
+    if new:
+        cannot = [n for n, m in methods.items() if not hasattr(m, "generate_from_reference")]
+        if cannot:
+            raise InkfillError(
+                f"--new-writers: {', '.join(cannot)} cannot fill writers they were not trained "
+                "on (methods that can: retrieval, encoder-gan)"
+            )
+        reduced, hidden = matrix.leave_out_writers(config.new_writers, config.shots, config.seed)
+        echo(f"left out {len(hidden)} writers, {config.shots} reference images each; "
+             f"fitting on {len(reduced.data):,} images")  # fmt: skip
+    else:
+        reduced, hidden = matrix.holdout(config.hidden_cells, seed=config.seed)
+        echo(f"hid {len(hidden)} cells ({sum(len(h.images) for h in hidden):,} images); "
+             f"fitting on {len(reduced.data):,} images")  # fmt: skip
     train_index, reference = split_reference(reduced, config.seed)
     start = time.perf_counter()
     judge, judge_history = train_judge(
@@ -278,7 +289,10 @@ def run_bench(
         fit_s = time.perf_counter() - start
         method.save(out_dir / "runs" / name, extra={"bench": asdict(config)})
         start = time.perf_counter()
-        filled = fill(method, cells, config.per_cell, seed=config.seed)
+        if new:
+            filled = _fill_new(method, hidden, config.per_cell, config.seed)
+        else:
+            filled = fill(method, cells, config.per_cell, seed=config.seed)
         fill_s = time.perf_counter() - start
         filled.save(out_dir / "fills" / f"{name}.npz")
         fills[name] = [
@@ -327,6 +341,17 @@ def run_bench(
     return results
 
 
+def _fill_new(method, hidden: list[HiddenCell], per_cell: int, seed: int) -> Dataset:
+    """Each left-out writer's hidden cell, filled from their few reference images."""
+    parts = []
+    for h in hidden:
+        images = method.generate_from_reference(
+            h.reference, h.reference_labels, h.label, per_cell, seed, h.writer
+        )
+        parts.append(Dataset(images, np.full(per_cell, h.label), np.full(per_cell, h.writer)))
+    return Dataset.concat(parts)
+
+
 COLUMNS = [
     ("mrr", "MRR", "{:.3f}"),
     ("top1", "top-1", "{:.3f}"),
@@ -347,9 +372,11 @@ def results_markdown(results: dict) -> str:
     cfg = results["config"]
     rows = results["rows"]
     ceiling = rows["ceiling (real)"]
+    what = f"{len(results['hidden_cells'])} hidden cells"
+    if cfg.get("new_writers"):
+        what = f"{cfg['new_writers']} new writers ({cfg['shots']} reference images each)"
     lines = [
-        f"# inkfill bench: {len(results['hidden_cells'])} hidden cells, "
-        f"{cfg['per_cell']} images each, seed {cfg['seed']}",
+        f"# inkfill bench: {what}, {cfg['per_cell']} images each, seed {cfg['seed']}",
         "",
         "| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),

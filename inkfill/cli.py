@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--cells", metavar="CELLS.csv", help="csv with header writer,label")
     which.add_argument("--missing", action="store_true", help="every empty cell of the run's data")
+    which.add_argument(
+        "--reference",
+        metavar="REF.npz",
+        help="images of writers not in the training data (encoder-gan): fill their labels",
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="L1,L2,...",
+        help="with --reference: the labels to fill (default: every label the writer lacks)",
+    )
     p.add_argument("--per-cell", type=int, default=16, metavar="N", help="images per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="OUT.npz")
@@ -387,6 +398,10 @@ def cmd_fill(args: argparse.Namespace) -> None:
 
     if args.per_cell < 1:
         raise InkfillError("--per-cell must be at least 1")
+    if args.labels is not None and args.reference is None:
+        raise InkfillError("--labels goes with --reference")
+    if args.reference is not None:
+        return _fill_reference(args)
     cells = None if args.missing else read_cells(args.cells)
     method = load_run(args.run, device=resolve_device(args.device))
     if cells is None:
@@ -400,6 +415,32 @@ def cmd_fill(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     filled.save(args.out)
     print(f"{len(filled):,} images for {len(cells):,} cells in {seconds:.2f} s -> {args.out}")
+
+
+def _fill_reference(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .data import load_dataset
+    from .methods import load_run
+    from .methods.base import fill_new_writers
+
+    labels = None
+    if args.labels is not None:
+        try:
+            labels = [int(v) for v in args.labels.split(",") if v.strip()]
+        except ValueError:
+            raise InkfillError(f"--labels {args.labels!r}: expected label ids like 0,3,7") from None
+        if not labels:
+            raise InkfillError("--labels: no label given")
+    method = load_run(args.run, device=resolve_device(args.device))
+    reference = load_dataset(args.reference, "all")
+    start = time.perf_counter()
+    with tqdm(desc="fill", unit="cell", disable=args.no_progress) as bar:
+        filled = fill_new_writers(method, reference, labels, args.per_cell, args.seed, bar)
+    seconds = time.perf_counter() - start
+    filled.save(args.out)
+    n_writers = len(set(filled.writers.tolist()))
+    print(f"{len(filled):,} images for {n_writers} new writer(s) in {seconds:.2f} s -> {args.out}")
 
 
 def _parse_sets(items: list[str]) -> dict[str, dict]:

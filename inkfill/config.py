@@ -169,10 +169,16 @@ class BenchConfig:
     per_cell: int = param(16, "images each method generates for each hidden cell")
     seed: int = param(0, "seed of the holdout, the methods and the fills")
     figure_cells: int = param(12, "hidden cells shown in the figure")
+    new_writers: int = param(
+        0, "instead of hiding cells, leave this many whole writers out of training"
+    )
+    shots: int = param(5, "with --new-writers: images of other labels given of each new writer")
 
     def __post_init__(self):
         if self.hidden_cells < 1 or self.per_cell < 2:
             raise InkfillError("--hidden-cells must be >= 1 and --per-cell >= 2")
+        if self.new_writers < 0 or self.shots < 1:
+            raise InkfillError("--new-writers must be >= 0 and --shots >= 1")
         if not [m for m in self.methods.split(",") if m.strip()]:
             raise InkfillError("--methods: name at least one method")
 
@@ -185,13 +191,28 @@ class EmbedGANConfig:
     nz: int = param(32, "noise size: the variation within one cell")
     ngf: int = param(32, "generator width")
     ndf: int = param(32, "discriminator width")
-    steps: int = param(8000, "training steps")
+    steps: int = param(4000, "training steps")
     batch_cells: int = param(32, "cells per step")
     samples_per_cell: int = param(2, "generated images per cell and step")
     lr: float = param(2e-4, "Adam learning rate")
+    style_lr: float = param(10.0, "learning rate of the style table or encoder, times --lr")
     beta1: float = param(0.5, "Adam beta1")
-    mean_weight: float = param(10.0, "L1 between a cell's generated and real mean image")
+    mean_weight: float = param(0.0, "L1 between a cell's generated and real mean image")
+    feature_weight: float = param(
+        0.2, "squared distance of the cell's generated and real mean embedding (own classifier)"
+    )
+    classifier_epochs: int = param(
+        3, "epochs of the label+writer classifier behind the feature loss"
+    )
     label_weight: float = param(1.0, "auxiliary label classifier loss (AC-GAN)")
+    recon_weight: float = param(
+        10.0, "cVAE: L1 redrawing each real image from its inferred noise (0: plain GAN)"
+    )
+    kl_weight: float = param(0.05, "cVAE: KL of the inferred noise to N(0, I)")
+    diversity_weight: float = param(
+        0.0, "mode seeking: reward two draws for one cell for differing"
+    )
+    writer_weight: float = param(0.0, "a linear head must tell the writer from the style code")
     judge_style: bool = param(True, "the discriminator also judges the writer (style projection)")
     shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
     truncation: float = param(1.0, "sampling: z ~ truncation * N(0, I)")
@@ -215,10 +236,12 @@ class EncoderGANConfig(EmbedGANConfig):
     )
     fill_style_images: int = param(32, "encoder: images of the writer read to fill a cell")
     style_weight: float = param(
-        1.0, "encoder: the style read back from generated images must match"
+        0.0, "encoder: the style read back from generated images must match"
     )
+    style_lr: float = param(1.0, "learning rate of the style table or encoder, times --lr")
     encoder: str = param(
-        "joint", "joint: trained with the GAN; classifier: frozen label+writer classifier features"
+        "classifier",
+        "joint: trained with the GAN; classifier: frozen label+writer classifier features",
     )
 
     def __post_init__(self):
@@ -227,3 +250,33 @@ class EncoderGANConfig(EmbedGANConfig):
             raise InkfillError("--style-images and --fill-style-images must be at least 1")
         if self.encoder not in ("joint", "classifier"):
             raise InkfillError("--encoder must be joint or classifier")
+
+
+@dataclass(frozen=True)
+class CollaGANConfig:
+    """The seed's baseline, CollaGAN (Lee et al. 2019): the writer's other labels in, one out."""
+
+    width: int = param(32, "U-Net generator width")
+    ndf: int = param(32, "discriminator width")
+    steps: int = param(3000, "training steps")
+    batch_cells: int = param(32, "target cells per step")
+    lr: float = param(2e-4, "Adam learning rate")
+    beta1: float = param(0.5, "Adam beta1")
+    recon_weight: float = param(10.0, "L1 to a real image of the target cell")
+    ssim_weight: float = param(1.0, "1 - SSIM to a real image of the target cell")
+    cycle_weight: float = param(10.0, "multiple cycle: redraw another label from the fill")
+    label_weight: float = param(1.0, "auxiliary label classifier loss in D")
+    keep: float = param(0.7, "input dropout in training: each other label kept with this chance")
+    fill_keep: float = param(0.8, "input dropout when filling: varies the images of one cell")
+    shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
+    bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
+    seed: int = param(0, "seed of initialisation and training")
+
+    def __post_init__(self):
+        for name in ("width", "ndf", "batch_cells"):
+            if getattr(self, name) < 1:
+                raise InkfillError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps < 0 or self.shift < 0:
+            raise InkfillError("--steps and --shift must be >= 0")
+        if not (0 < self.keep <= 1 and 0 < self.fill_keep <= 1):
+            raise InkfillError("--keep and --fill-keep must be in (0, 1]")

@@ -434,9 +434,57 @@ class WriterMatrix:
         gone = np.concatenate([self.indices(h.writer, h.label) for h in hidden])
         return self.without(gone), hidden
 
+    def leave_out_writers(
+        self, n_writers: int, shots: int, seed: int = 0, min_images: int = 4
+    ) -> tuple[WriterMatrix, list[HiddenCell]]:
+        """Remove `n_writers` whole writers; for each, hide one cell and give `shots` reference
+        images of their other labels. Returns the matrix without those writers, and one
+        HiddenCell per writer with `reference` images and `reference_labels` filled in.
+
+        Candidates have a cell of >= `min_images` images and >= `shots` images of other labels.
+        The choice depends only on the matrix and `seed`.
+        """
+        if n_writers < 1 or shots < 1:
+            raise DataError("new writers and shots must be at least 1")
+        rng = np.random.default_rng(seed)
+        eligible = []
+        for r in range(self.n_writers):
+            cols = np.flatnonzero(self.counts[r] >= min_images)
+            others = [c for c in cols if self.counts[r].sum() - self.counts[r, c] >= shots]
+            if others:
+                eligible.append((r, others))
+        if len(eligible) < n_writers:
+            raise DataError(
+                f"cannot leave out {n_writers} writers: only {len(eligible)} have a cell of "
+                f">= {min_images} images and >= {shots} images of other labels"
+            )
+        picked = sorted(rng.permutation(len(eligible))[:n_writers])
+        cells, gone = [], []
+        for k in picked:
+            r, cols = eligible[k]
+            c = int(rng.choice(cols))
+            writer, label = str(self.writer_ids[r]), int(self.label_ids[c])
+            mine = np.flatnonzero(self.rows == r)
+            others = mine[self.cols[mine] != c]
+            ref = np.sort(rng.choice(others, size=shots, replace=False))
+            cells.append(
+                HiddenCell(
+                    writer,
+                    label,
+                    self.images(writer, label),
+                    reference=self.data.images[ref],
+                    reference_labels=self.data.labels[ref],
+                )
+            )
+            gone.append(mine)
+        return self.without(np.concatenate(gone)), cells
+
 
 @dataclass(frozen=True, eq=False)
 class HiddenCell:
     writer: str
     label: int
     images: np.ndarray  # uint8 (n, 28, 28), the real images that were hidden
+    # For a writer left out of training: the few images of other labels a method may read.
+    reference: np.ndarray | None = None
+    reference_labels: np.ndarray | None = None

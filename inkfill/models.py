@@ -156,7 +156,8 @@ class StyleEncoder(nn.Module):
         h = self.conv(images.reshape(b * k, 1, 28, 28)) + self.label(labels.reshape(-1))
         h = self.head(h).view(b, k, -1)
         w = mask.float().unsqueeze(-1)
-        return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        style = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return F.layer_norm(style, style.shape[-1:])  # a bounded code: zero mean, unit scale
 
 
 class FiLMGenerator(nn.Module):
@@ -198,14 +199,16 @@ class PersonalDiscriminator(nn.Module):
     """image (B, 1, 28, 28), label (B,), style (B, style_dim) or None -> (logit (B,), label logits).
 
     Projection discriminator on the label and (optionally) on the writer's style code, so it
-    judges (image, writer, label); an auxiliary head classifies the label (AC-GAN).
+    judges (image, writer, label); an auxiliary head classifies the label (AC-GAN). A minibatch
+    standard-deviation feature (Karras et al. 2018) lets it see a batch of identical fakes.
     """
 
-    def __init__(self, n_labels: int, style_dim: int = 0, ndf: int = 32):
+    def __init__(self, n_labels: int, style_dim: int = 0, ndf: int = 32, group: int = 4):
         super().__init__()
+        self.group = group
         self.features = Discriminator(ndf).features  # the DCGAN trunk: (B, 2ndf*49)
         n_features = ndf * 2 * 49
-        self.out = nn.Linear(n_features, 1)
+        self.out = nn.Linear(n_features + 1, 1)
         self.label_embed = nn.Embedding(n_labels, n_features)
         self.style_proj = nn.Linear(style_dim, n_features, bias=False) if style_dim else None
         self.label_head = nn.Linear(n_features, n_labels)
@@ -214,12 +217,43 @@ class PersonalDiscriminator(nn.Module):
         if self.style_proj is not None:
             nn.init.zeros_(self.style_proj.weight)
 
+    def _batch_spread(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B, 1): the mean feature std within each group of `group` images."""
+        g = self.group if len(h) % self.group == 0 else 1
+        if g == 1:
+            return h.new_zeros(len(h), 1)
+        spread = h.float().view(g, -1, h.shape[1]).std(0, unbiased=False).mean(1)  # (B/g,)
+        return spread.repeat(g)[:, None].to(h.dtype)
+
     def forward(self, images, labels, style=None):
         h = self.features(images)
-        logit = self.out(h).squeeze(1) + (self.label_embed(labels) * h).sum(1)
+        logit = self.out(torch.cat([h, self._batch_spread(h)], 1)).squeeze(1)
+        logit = logit + (self.label_embed(labels) * h).sum(1)
         if self.style_proj is not None and style is not None:
             logit = logit + (self.style_proj(style) * h).sum(1)
         return logit, self.label_head(h)
+
+
+class PosteriorEncoder(nn.Module):
+    """(image, label, style) -> (mu, logvar) of the noise z that, with the style and the label,
+    redraws this very image: the encoder of a conditional VAE (the cVAE-GAN of BicycleGAN, Zhu
+    et al. 2017). It gives the generator a reconstruction target per real image, so the noise
+    cannot be ignored and the style must carry what the writer's other labels tell."""
+
+    def __init__(self, n_labels: int, style_dim: int, nz: int, width: int = 32):
+        super().__init__()
+        self.features = Discriminator(width).features  # (B, 2w*49)
+        self.label_embed = nn.Embedding(n_labels, 64)
+        self.head = nn.Sequential(
+            nn.Linear(width * 2 * 49 + 64 + style_dim, 256),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(256, 2 * nz),
+        )
+
+    def forward(self, images, labels, style):
+        h = torch.cat([self.features(images), self.label_embed(labels), style], 1)
+        mu, logvar = self.head(h).chunk(2, dim=1)
+        return mu, logvar.clamp(-8.0, 4.0)
 
 
 class PersonalGenerator(nn.Module):
@@ -237,3 +271,43 @@ class PersonalGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.net(z, torch.cat([style, self.label_embed(labels)], dim=1))
+
+
+class CollaGenerator(nn.Module):
+    """CollaGAN's generator (Lee et al. 2019) for a writer's label images: a small U-Net.
+
+    Input: the writer's images of every label stacked as channels (ink in [0, 1], zeros where a
+    label is missing or dropped) and a one-hot mask of the target label as constant planes,
+    (B, 2 * n_labels, 28, 28). Output: the target label's image (B, 1, 28, 28) in [-1, 1].
+    """
+
+    def __init__(self, n_labels: int, width: int = 32):
+        super().__init__()
+        w = width
+
+        def block(cin, cout):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.LeakyReLU(0.2, inplace=True),
+            )
+
+        self.enc1 = block(2 * n_labels, w)  # 28x28
+        self.enc2 = block(w, 2 * w)  # 14x14
+        self.mid = block(2 * w, 4 * w)  # 7x7
+        self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, 2)
+        self.dec2 = block(4 * w, 2 * w)
+        self.up1 = nn.ConvTranspose2d(2 * w, w, 2, 2)
+        self.dec1 = block(2 * w, w)
+        self.out = nn.Conv2d(w, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.avg_pool2d(e1, 2))
+        m = self.mid(F.avg_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up2(m), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        return torch.tanh(self.out(d1))

@@ -193,6 +193,28 @@ def train_feature_net(
     return history
 
 
+class _LossLog:
+    """Losses averaged over every `log_every` steps into a history {"step": [...], key: [...]};
+    a non-finite D or G loss (the first two keys) stops training with a clear message."""
+
+    def __init__(self, keys: tuple[str, ...], steps: int, log_every: int):
+        self.keys, self.steps, self.log_every = keys, steps, log_every
+        self.history: dict[str, list[float]] = {"step": [], **{k: [] for k in keys}}
+        self.sums = torch.zeros(len(keys))
+
+    def add(self, step: int, values) -> None:
+        self.sums += torch.stack([t.detach().float().cpu() for t in values])
+        if step % self.log_every and step != self.steps:
+            return
+        means = (self.sums / ((step - 1) % self.log_every + 1)).tolist()
+        self.history["step"].append(step)
+        for key, value in zip(self.keys, means):
+            self.history[key].append(value)
+        self.sums.zero_()
+        if not all(map(_finite, means[:2])):
+            raise FloatingPointError(f"non-finite loss at step {step}: D {means[0]}, G {means[1]}")
+
+
 def random_shift(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
     """Translate each image by up to max_shift pixels (zero padding = background at -1)."""
     b, size, device = len(images), images.shape[-1], images.device
@@ -215,11 +237,20 @@ def train_personal_gan(
     steps: int,
     samples_per_cell: int = 2,
     lr: float = 2e-4,
+    style_lr: float = 1.0,
     beta1: float = 0.5,
     mean_weight: float = 10.0,
     label_weight: float = 1.0,
     style_weight: float = 1.0,
+    diversity_weight: float = 0.0,
+    writer_head: nn.Module | None = None,
+    writer_weight: float = 0.0,
+    features: nn.Module | None = None,
+    feature_weight: float = 0.0,
     judge_style: bool = True,
+    posterior: nn.Module | None = None,
+    recon_weight: float = 10.0,
+    kl_weight: float = 0.01,
     shift: int = 2,
     rng: torch.Generator,
     bf16: bool = False,
@@ -238,19 +269,35 @@ def train_personal_gan(
     - `mean_weight` * L1 between the mean of a cell's generated images and its real mean image:
       the fill must look like *this* writer's label, while D keeps single images sharp;
     - `style_weight` * L1 between restyle(fake) (the style read back from a generated image) and
-      the style it was made from, where `restyle` is given (the encoder method).
+      the style it was made from, where `restyle` is given (the encoder method);
+    - with a `posterior` encoder (a cVAE-GAN, as in BicycleGAN): `recon_weight` * L1 between each
+      real image and G(z ~ posterior(real, label, style), style, label), plus `kl_weight` * KL of
+      the posterior to N(0, I); D also sees these reconstructions as fakes;
+    - `feature_weight` * squared distance between the mean `features` embedding of a cell's
+      generated images and batch["mean_features"], that of its real images;
+    - `diversity_weight` * mode seeking (two draws for one cell must differ), subtracted, and
+      `writer_weight` * CE of `writer_head(style)` against the writer (both off by default).
 
-    D sees every image translated by up to `shift` pixels (differentiable augmentation, Zhao et
-    al. 2020), so that it cannot memorise the few images of each writer.
+    The style parameters learn at `style_lr` times `lr`. D sees every image translated by up to
+    `shift` pixels (differentiable augmentation, Zhao et al. 2020), so that it cannot memorise the
+    few images of each writer.
     """
     device = next(generator.parameters()).device
-    opt_g = torch.optim.Adam([*generator.parameters(), *style_params], lr=lr, betas=(beta1, 0.999))
+    extra = [*(writer_head.parameters() if writer_head is not None else [])]
+    extra += [*(posterior.parameters() if posterior is not None else [])]
+    opt_g = torch.optim.Adam(
+        [
+            {"params": [*generator.parameters(), *extra]},
+            {"params": style_params, "lr": lr * style_lr},
+        ],
+        lr=lr,
+        betas=(beta1, 0.999),
+    )
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
     generator.train()
     discriminator.train()
-    keys = ("loss_d", "loss_g", "adv", "mean", "style", "d_label_acc")
-    history: dict[str, list[float]] = {"step": [], **{k: [] for k in keys}}
-    sums = torch.zeros(len(keys))
+    keys = ("loss_d", "loss_g", "adv", "recon", "kl", "mean", "features", "spread", "style")
+    losses = _LossLog((*keys, "d_label_acc"), steps, log_every)
     m = samples_per_cell
 
     def judge(images, labels, style):
@@ -269,9 +316,24 @@ def train_personal_gan(
             style_m = style.repeat_interleave(m, dim=0)
             z = torch.randn(len(labels_m), generator.nz, generator=rng).to(device)
             fake = generator(z, style_m, labels_m)  # (B*m, 1, 28, 28)
+            zero = torch.zeros((), device=device)
+            recon = None
+            rec = kl = zero
+            if posterior is not None:
+                # cVAE: redraw each real image from its inferred noise and the writer's style.
+                mu, logvar = posterior(batch["real"], labels, style)
+                eps = torch.randn(mu.shape, generator=rng).to(device)
+                recon = generator(mu + eps * (0.5 * logvar).exp(), style, labels)
+                rec = (recon.float() - batch["real"]).abs().mean()
+                kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum(1)
+                kl = kl.mean()
+            # D judges the prior draws and, when there are, the reconstructions as fakes.
+            fakes = fake if recon is None else torch.cat([fake, recon])
+            fake_labels = labels_m if recon is None else torch.cat([labels_m, labels])
+            fake_style = style_m if recon is None else torch.cat([style_m, style])
 
             real_logit, real_cls = judge(batch["real"], labels, style.detach())
-            fake_logit, _ = judge(fake.detach(), labels_m, style_m.detach())
+            fake_logit, _ = judge(fakes.detach(), fake_labels, fake_style.detach())
             loss_d = bce_d_loss(real_logit.float(), fake_logit.float())
             loss_d = loss_d + label_weight * F.cross_entropy(real_cls.float(), labels)
         opt_d.zero_grad(set_to_none=True)
@@ -279,41 +341,145 @@ def train_personal_gan(
         opt_d.step()
 
         with autocast(device, bf16):
-            fake_logit, fake_cls = judge(fake, labels_m, style_m.detach())
-            adv = bce_g_loss(fake_logit.float()) + label_weight * F.cross_entropy(
-                fake_cls.float(), labels_m
-            )
-            cell_mean = fake.float().view(len(labels), m, *fake.shape[1:]).mean(1)
-            mean = (cell_mean - batch["mean"]).abs().mean()
-            loss_g = adv + mean_weight * mean
-            style_loss = torch.zeros((), device=device)
+            fake_logit, fake_cls = judge(fakes, fake_labels, fake_style.detach())
+            adv = bce_g_loss(fake_logit.float())
+            adv = adv + label_weight * F.cross_entropy(fake_cls.float(), fake_labels)
+            by_cell = fake.float().view(len(labels), m, -1)  # (B, m, 784)
+            mean = (by_cell.mean(1) - batch["mean"].flatten(1)).abs().mean()
+            feat = spread = style_loss = writer_loss = zero
+            if features is not None and feature_weight > 0:
+                # The cell's generated images must match its real ones on average in a
+                # writer-discriminative feature space (the mean embedding of the cell).
+                emb = features(fake).float().view(len(labels), m, -1).mean(1)
+                feat = ((emb - batch["mean_features"]) ** 2).sum(1).mean()
+            if diversity_weight > 0 and m > 1:
+                # Mode seeking (Mao et al. 2019): two draws for one cell must differ.
+                spread = (by_cell[:, 0] - by_cell[:, 1]).abs().mean(1).clamp(max=0.5).mean()
+            if writer_head is not None and writer_weight > 0:
+                # The style code must tell writers apart (else it can collapse to a constant).
+                writer_loss = F.cross_entropy(writer_head(style).float(), batch["rows"])
             if restyle is not None and style_weight > 0:
                 style_loss = (
                     (restyle(fake, labels_m).float() - style_m.detach().float()).abs().mean()
                 )
-                loss_g = loss_g + style_weight * style_loss
+            loss_g = (
+                adv + mean_weight * mean + feature_weight * feat - diversity_weight * spread
+                + writer_weight * writer_loss + style_weight * style_loss
+                + recon_weight * rec + kl_weight * kl
+            )  # fmt: skip
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
 
         with torch.no_grad():
             acc = (real_cls.argmax(1) == labels).float().mean()
-            sums += torch.stack(
-                [t.detach().float().cpu() for t in (loss_d, loss_g, adv, mean, style_loss, acc)]
-            )
-        if step % log_every == 0 or step == steps:
-            n = (step - 1) % log_every + 1
-            means = (sums / n).tolist()
-            history["step"].append(step)
-            for key, value in zip(keys, means):
-                history[key].append(value)
-            sums.zero_()
-            if not all(map(_finite, means[:2])):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step}: D {means[0]}, G {means[1]}"
-                )
+            losses.add(step, (loss_d, loss_g, adv, rec, kl, mean, feat, spread, style_loss, acc))
         if progress is not None:
             progress.update(1)
     generator.eval()
     discriminator.eval()
-    return history
+    return losses.history
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Mean structural similarity (Wang et al. 2004) of two image batches (B, 1, H, W) in [0, 1],
+    with a Gaussian window; differentiable, so 1 - ssim serves as a loss."""
+    g = torch.arange(window, device=x.device, dtype=torch.float32) - (window - 1) / 2
+    g = torch.exp(-(g**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :])[None, None].to(x.dtype)  # (1, 1, w, w)
+
+    def blur(t):
+        return F.conv2d(t, kernel, padding=window // 2)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    vx = blur(x * x) - mx**2
+    vy = blur(y * y) - my**2
+    cxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.mean()
+
+
+def train_collagan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    sample: Callable[[], dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    n_labels: int,
+    lr: float = 2e-4,
+    beta1: float = 0.5,
+    recon_weight: float = 10.0,
+    ssim_weight: float = 1.0,
+    cycle_weight: float = 10.0,
+    label_weight: float = 1.0,
+    shift: int = 2,
+    rng: torch.Generator,
+    bf16: bool = False,
+    log_every: int = 10,
+    progress=None,
+) -> dict[str, list[float]]:
+    """Train CollaGAN: G(the writer's other label images, target mask) -> the target image.
+
+    Each step `sample()` gives, per observed target cell: "inputs" (B, L, 28, 28) the writer's
+    images of the other labels (ink in [0, 1], zeros where missing or randomly dropped),
+    "target_col" (B,) and "target" (B, 1, 28, 28) a real image of the target cell in [-1, 1],
+    and for the cycle a second label the writer has: "cycle_col", "cycle_target" and
+    "cycle_inputs" (the inputs without it). G's loss: adversarial (non-saturating) with an
+    auxiliary label classifier in D; `recon_weight` * L1 and `ssim_weight` * (1 - SSIM) to the
+    target; and the multiple-cycle loss: with the generated image put in the target's channel,
+    G must redraw the cycle label's real image, weighted by `cycle_weight` (L1 + SSIM).
+    """
+    device = next(generator.parameters()).device
+    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+    generator.train()
+    discriminator.train()
+    eye = torch.eye(n_labels, device=device)[:, :, None, None].expand(-1, -1, 28, 28)
+    keys = ("loss_d", "loss_g", "adv", "recon", "ssim", "cycle", "d_label_acc")
+    losses = _LossLog(keys, steps, log_every)
+
+    def judge(images, labels):
+        return discriminator(random_shift(images, shift, rng) if shift else images, labels)
+
+    for step in range(1, steps + 1):
+        batch = sample()
+        cols, target = batch["target_col"], batch["target"]
+        with autocast(device, bf16):
+            fake = generator(torch.cat([batch["inputs"], eye[cols]], 1))
+            real_logit, real_cls = judge(target, cols)
+            fake_logit, _ = judge(fake.detach(), cols)
+            loss_d = bce_d_loss(real_logit.float(), fake_logit.float())
+            loss_d = loss_d + label_weight * F.cross_entropy(real_cls.float(), cols)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        with autocast(device, bf16):
+            fake_logit, fake_cls = judge(fake, cols)
+            adv = bce_g_loss(fake_logit.float())
+            adv = adv + label_weight * F.cross_entropy(fake_cls.float(), cols)
+            fake01 = (fake.float() + 1) / 2
+            recon = (fake.float() - target).abs().mean()
+            sim = 1 - ssim(fake01, (target + 1) / 2)
+            # Multiple cycle: the fill, put back among the inputs, must let G redraw another label.
+            inputs = batch["cycle_inputs"].clone()
+            inputs[torch.arange(len(cols), device=device), cols] = fake01[:, 0].to(inputs.dtype)
+            again = generator(torch.cat([inputs, eye[batch["cycle_col"]]], 1)).float()
+            cycle = (again - batch["cycle_target"]).abs().mean() + (
+                1 - ssim((again + 1) / 2, (batch["cycle_target"] + 1) / 2)
+            )
+            loss_g = adv + recon_weight * recon + ssim_weight * sim + cycle_weight * cycle
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+
+        with torch.no_grad():
+            acc = (real_cls.argmax(1) == cols).float().mean()
+            losses.add(step, (loss_d, loss_g, adv, recon, sim, cycle, acc))
+        if progress is not None:
+            progress.update(1)
+    generator.eval()
+    discriminator.eval()
+    return losses.history

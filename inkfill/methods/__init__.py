@@ -11,10 +11,12 @@ from ..config import InkfillError
 from .base import CONFIG_FILE, Method, fill, read_json
 from .baselines import Generic, Linear, Retrieval
 from .clustergan import ClusterGAN
+from .collagan import CollaGAN
 from .personal import EmbedGAN, EncoderGAN
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Generic, Retrieval, Linear, ClusterGAN, EmbedGAN, EncoderGAN)
+    cls.name: cls
+    for cls in (Generic, Retrieval, Linear, ClusterGAN, EmbedGAN, EncoderGAN, CollaGAN)
 }
 
 

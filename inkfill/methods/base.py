@@ -248,6 +248,70 @@ def fill(
     return Dataset.concat(parts)
 
 
+def save_generator_figures(method: Method, matrix: WriterMatrix, out_dir: Path) -> None:
+    """The figures of a trained generator: its losses by step, and 16 writers with empty cells
+    shown with their real cells and one generated image in each empty cell."""
+    from ..plots import save_loss_curves, save_matrix_figure
+
+    save_loss_curves(method.history_, out_dir / "losses.png", f"{method.name}: G and D losses")
+    rows = np.flatnonzero(~matrix.observed.all(axis=1))
+    rows = np.random.default_rng(method.seed).permutation(rows)[:16]
+    writers = [str(matrix.writer_ids[r]) for r in sorted(rows)]
+    filled = {
+        (w, int(matrix.label_ids[c])): method.generate(w, int(matrix.label_ids[c]), 1, method.seed)
+        for w in writers
+        for c in np.flatnonzero(~matrix.observed[matrix.row(w)])
+    }
+    save_matrix_figure(
+        matrix, writers, out_dir / "filled.png", filled, f"{method.name}: filled cells (blue)"
+    )
+
+
+def fill_new_writers(
+    method: Method,
+    reference: Dataset,
+    labels: Sequence[int] | None,
+    per_cell: int,
+    seed: int = 0,
+    progress=None,
+) -> Dataset:
+    """Images of `labels` for writers known only from a few images (`reference`, any labels).
+
+    Each writer in `reference` is filled separately; with labels=None, every label the run knows
+    that the writer's reference images lack. Only methods that read a style from images (the
+    encoder ones) can do this.
+    """
+    method.check_fitted()
+    if not hasattr(method, "generate_from_reference"):
+        raise InkfillError(
+            f"method {method.name} cannot fill writers it was not trained on; "
+            "fit one that reads a writer's images (encoder-gan)"
+        )
+    info = method.matrix_
+    known = set(info.label_ids.tolist())
+    unknown = sorted(set(np.unique(reference.labels).tolist()) - known)
+    if unknown:
+        raise DataError(f"reference images have labels the run does not know: {unknown[:5]}")
+    for label in labels or []:
+        info.col(label)  # unknown labels fail before any work
+    parts = []
+    for writer in dict.fromkeys(reference.writers.tolist()):
+        mine = reference.writers == writer
+        targets = labels
+        if targets is None:
+            targets = sorted(known - set(reference.labels[mine].tolist()))
+        for label in targets:
+            images = method.generate_from_reference(
+                reference.images[mine], reference.labels[mine], label, per_cell, seed, writer
+            )
+            parts.append(Dataset(images, np.full(len(images), label), np.full(len(images), writer)))
+            if progress is not None:
+                progress.update(1)
+    if not parts:
+        raise DataError("nothing to fill: the reference writers already have every label")
+    return Dataset.concat(parts)
+
+
 def write_json(path: Path, blob: Any) -> None:
     tmp = atomic_path(path)
     try:

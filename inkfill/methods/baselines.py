@@ -16,7 +16,7 @@ import torch
 from ..cluster import label_pca
 from ..config import GenericConfig, LinearConfig, RetrievalConfig
 from ..data import WriterMatrix
-from .base import Method
+from .base import Method, cell_seed
 
 
 class _ImageBank(Method):
@@ -94,39 +94,70 @@ class Retrieval(_ImageBank):
 
     def _fit(self, matrix, progress):
         super()._fit(matrix, progress)
-        means, _ = _cell_means(matrix, self.n_components, self.seed)
+        means, pcas = _cell_means(matrix, self.n_components, self.seed)
         # Distances are compared across labels: scale each label by its mean squared spread.
-        spread = np.nanmean(
-            ((means - np.nanmean(means, axis=0)) ** 2).sum(-1), axis=0
-        )  # (n_labels,)
-        self.means_ = means / np.sqrt(spread)[None, :, None]
+        self.scale_ = 1.0 / np.sqrt(
+            np.nanmean(((means - np.nanmean(means, axis=0)) ** 2).sum(-1), axis=0)
+        ).astype(np.float32)  # (n_labels,)
+        self.means_ = means * self.scale_[None, :, None]
+        self.pca_mean_ = np.stack([m for m, _ in pcas])  # (n_labels, 784)
+        self.pca_components_ = np.stack([c for _, c in pcas])  # (n_labels, p, 784)
+
+    def _nearest(self, query: np.ndarray, col: int, exclude: int = -1) -> np.ndarray:
+        """Rows of the writers that have label `col`, nearest to `query` (n_labels, p; NaN where
+        unknown) first, by mean squared distance on the labels both have (but `col`)."""
+        observed = ~np.isnan(self.means_[:, :, 0])
+        shared = observed & ~np.isnan(query[None, :, 0])
+        shared[:, col] = False
+        d2 = np.nan_to_num(((self.means_ - query[None]) ** 2).sum(-1), nan=0.0)
+        n_shared = shared.sum(1)
+        dist = np.where(shared, d2, 0.0).sum(1) / np.maximum(n_shared, 1)
+        dist[n_shared == 0] = np.inf
+        candidates = np.flatnonzero(observed[:, col] & (np.arange(len(dist)) != exclude))
+        order = np.lexsort((candidates, dist[candidates]))
+        return candidates[order]
 
     def neighbours(self, writer: str, label: int) -> np.ndarray:
         """Rows of the writers that have `label`, nearest first (mean distance on shared labels)."""
         row, col = self.matrix_.row(writer), self.matrix_.col(label)
-        observed = ~np.isnan(self.means_[:, :, 0])
-        shared = observed & observed[row][None, :]
-        shared[:, col] = False
-        d2 = ((self.means_ - self.means_[row][None]) ** 2).sum(-1)  # (n_writers, n_labels)
-        n_shared = shared.sum(1)
-        dist = np.where(shared, d2, 0.0).sum(1) / np.maximum(n_shared, 1)
-        dist[n_shared == 0] = np.inf
-        candidates = np.flatnonzero(observed[:, col] & (np.arange(len(dist)) != row))
-        order = np.lexsort((candidates, dist[candidates]))
-        return candidates[order]
+        return self._nearest(self.means_[row], col, exclude=row)
 
-    def _generate(self, writer, label, n, rng):
-        col = self.matrix_.col(label)
-        nearest = self.neighbours(writer, label)[: self.k]
-        pool = np.flatnonzero((self.cols_ == col) & np.isin(self.rows_, nearest))
+    def _from_rows(self, nearest: np.ndarray, col: int, n: int, rng) -> np.ndarray:
+        pool = np.flatnonzero((self.cols_ == col) & np.isin(self.rows_, nearest[: self.k]))
         return self.images_[self._pick(pool, n, rng)]
 
+    def _generate(self, writer, label, n, rng):
+        return self._from_rows(self.neighbours(writer, label), self.matrix_.col(label), n, rng)
+
+    def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
+        """Real images of `label` from the k training writers nearest to a new writer known only
+        from `images` (any labels): the retrieval baseline for writers never seen in training."""
+        self.check_fitted()
+        col = self.matrix_.col(label)
+        query = np.full(self.means_.shape[1:], np.nan, dtype=np.float32)
+        x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+        cols = np.array([self.matrix_.col(int(v)) for v in labels])
+        for c in np.unique(cols):
+            e = (x[cols == c] - self.pca_mean_[c]) @ self.pca_components_[c].T
+            query[c] = e.mean(0) * self.scale_[c]
+        rng = torch.Generator().manual_seed(cell_seed(seed, name, label))
+        return self._from_rows(self._nearest(query, col), col, n, rng)
+
     def _state(self):
-        return {**self._bank_state(), "means": torch.from_numpy(self.means_)}, {}
+        return {
+            **self._bank_state(),
+            "means": torch.from_numpy(self.means_),
+            "scale": torch.from_numpy(self.scale_),
+            "pca_mean": torch.from_numpy(self.pca_mean_),
+            "pca_components": torch.from_numpy(self.pca_components_),
+        }, {}
 
     def _set_state(self, tensors, config):
         self._set_bank(tensors)
         self.means_ = tensors["means"].numpy()
+        self.scale_ = tensors["scale"].numpy()
+        self.pca_mean_ = tensors["pca_mean"].numpy()
+        self.pca_components_ = tensors["pca_components"].numpy()
 
 
 def soft_impute(x: np.ndarray, observed: np.ndarray, shrink: float, rank: int, n_iter: int = 200):

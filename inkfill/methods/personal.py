@@ -5,9 +5,12 @@
 - encoder-gan (A2): the writer's embedding is read from their images by a style encoder shared
   by all writers, so it also fills cells of writers never seen in training, from a few images.
 
-Both train with the same objective (train.train_personal_gan): a projection discriminator on
-(image, label, style) with an auxiliary label classifier, and an L1 loss between the mean of a
-cell's generated images and the mean of its real images.
+Both train with the same objective (train.train_personal_gan), a conditional VAE-GAN: a
+posterior encoder infers the noise that redraws each real image from (style, label), with an L1
+reconstruction and a KL term; a projection discriminator on (image, label, style) with an
+auxiliary label classifier; and a feature loss: a cell's generated images must match its real ones
+on average in the embedding of a frozen label+writer classifier trained first (whose features are
+also encoder-gan's default style encoder, as the seed suggests).
 """
 
 from __future__ import annotations
@@ -20,9 +23,15 @@ from tqdm.auto import tqdm
 
 from ..config import EmbedGANConfig, EncoderGANConfig, InkfillError
 from ..data import WriterMatrix, to_images, to_model
-from ..models import FeatureNet, PersonalDiscriminator, PersonalGenerator, StyleEncoder
+from ..models import (
+    FeatureNet,
+    PersonalDiscriminator,
+    PersonalGenerator,
+    PosteriorEncoder,
+    StyleEncoder,
+)
 from ..train import train_feature_net, train_personal_gan
-from .base import Method, cell_seed
+from .base import Method, cell_seed, save_generator_figures
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +40,15 @@ class _CellSampler:
     """Random observed cells with one real image, the cell's mean image, and (for the encoder) a
     style set: up to `style_images` other images of the same writer with other labels."""
 
-    def __init__(self, matrix: WriterMatrix, device, batch_cells: int, style_images: int, rng):
+    def __init__(
+        self,
+        matrix: WriterMatrix,
+        device,
+        batch_cells: int,
+        style_images: int,
+        rng,
+        embeddings=None,
+    ):
         self.device, self.batch_cells, self.k, self.rng = device, batch_cells, style_images, rng
         rows, cols, members = matrix.cell_table()
         n_labels_of = (matrix.counts > 0).sum(1)
@@ -52,6 +69,11 @@ class _CellSampler:
         has = (cell_of >= 0).to(device)
         sums.index_add_(0, cell_of.to(device)[has], self.images.view(-1, 784)[has])
         self.means = (sums / self.counts.to(device)[:, None]).view(-1, 1, 28, 28)
+        self.mean_features = None
+        if embeddings is not None:  # (N, dim): each cell's mean embedding, the same way
+            f = torch.zeros(len(self.rows), embeddings.shape[1], device=device)
+            f.index_add_(0, cell_of.to(device)[has], embeddings[has])
+            self.mean_features = f / self.counts.to(device)[:, None]
         # Each writer's images, padded with -1.
         order = np.argsort(matrix.rows, kind="stable")
         counts_w = np.bincount(matrix.rows, minlength=matrix.n_writers)
@@ -84,6 +106,9 @@ class _CellSampler:
             "style_images": self.images[style_idx.to(dev)],  # (B, K, 1, 28, 28)
             "style_labels": self.image_cols[style_idx].to(dev),
             "style_mask": mask.to(dev),
+            "mean_features": None
+            if self.mean_features is None
+            else self.mean_features[cell.to(dev)],
         }
 
 
@@ -97,8 +122,14 @@ class _PersonalGAN(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             rng = torch.Generator().manual_seed(cell_seed(self.seed, "train", self.name))
+            self.classifier_ = self._train_classifier(matrix, progress)
+            with torch.no_grad():
+                x = to_model(matrix.data.images, self.device_)
+                embeddings = torch.cat(
+                    [self.classifier_(x[s : s + 2048]) for s in range(0, len(x), 2048)]
+                )
             k = getattr(self, "style_images", 1)
-            sampler = _CellSampler(matrix, self.device_, self.batch_cells, k, rng)
+            sampler = _CellSampler(matrix, self.device_, self.batch_cells, k, rng, embeddings)
             if not len(sampler):
                 raise InkfillError(f"{self.name}: no writer has two labels to learn a style from")
             self.generator_ = PersonalGenerator(
@@ -109,6 +140,12 @@ class _PersonalGAN(Method):
             params = [
                 p for m in self._style_modules().values() for p in m.parameters() if p.requires_grad
             ]
+            head = torch.nn.Linear(self.style_dim, matrix.n_writers).to(self.device_)
+            posterior = None
+            if self.recon_weight > 0:
+                posterior = PosteriorEncoder(matrix.n_labels, self.style_dim, self.nz, self.ndf).to(
+                    self.device_
+                )
             with tqdm(total=self.steps, desc=self.name, disable=not progress) as bar:
                 self.history_ = {
                     self.name: train_personal_gan(
@@ -121,23 +158,53 @@ class _PersonalGAN(Method):
                         steps=self.steps,
                         samples_per_cell=self.samples_per_cell,
                         lr=self.lr,
+                        style_lr=self.style_lr,
                         beta1=self.beta1,
                         mean_weight=self.mean_weight,
                         label_weight=self.label_weight,
                         style_weight=getattr(self, "style_weight", 0.0),
                         judge_style=self.judge_style,
+                        posterior=posterior,
+                        recon_weight=self.recon_weight,
+                        kl_weight=self.kl_weight,
+                        diversity_weight=self.diversity_weight,
+                        writer_head=head,
+                        writer_weight=self.writer_weight,
+                        features=self.classifier_,
+                        feature_weight=self.feature_weight,
                         shift=self.shift,
                         rng=rng,
                         bf16=self.bf16,
                         progress=bar,
-                    )  # fmt: skip
+                    )
                 }
             for module in self._style_modules().values():
                 module.eval()
             self.styles_ = self._writer_styles(matrix, sampler)
 
+    def save_figures(self, matrix, out_dir, level, metrics):
+        save_generator_figures(self, matrix, out_dir)
+
     def _restyle(self):
         return None
+
+    def _train_classifier(self, matrix: WriterMatrix, progress: bool) -> FeatureNet:
+        """A label+writer classifier on the training images (the seed's A2 network, "trained for
+        domain classification", with a writer head): its embedding is the space of the feature
+        loss, and, with encoder="classifier", of the style code. Frozen after training."""
+        net = FeatureNet(matrix.n_labels, matrix.n_writers, width=16, dim=128).to(self.device_)
+        x = to_model(matrix.data.images, self.device_)
+        cols = torch.as_tensor(matrix.cols, device=self.device_)
+        rows = torch.as_tensor(matrix.rows, device=self.device_)
+        rng = torch.Generator().manual_seed(cell_seed(self.seed, "classifier", self.name))
+        steps = self.classifier_epochs * max(1, len(x) // 128)
+        with tqdm(total=steps, desc=f"{self.name} classifier", disable=not progress) as bar:
+            train_feature_net(
+                net, x, cols, rows, epochs=self.classifier_epochs, rng=rng, progress=bar
+            )
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net.eval()
 
     @torch.no_grad()
     def _generate(self, writer, label, n, rng):
@@ -151,10 +218,11 @@ class _PersonalGAN(Method):
         return to_images(self.generator_(z, style.to(self.device_).expand(n, -1), labels))
 
     def _modules(self):
-        return [self.generator_, *self._style_modules().values()]
+        return [self.generator_, self.classifier_, *self._style_modules().values()]
 
     def _state(self):
         tensors = {f"generator.{k}": v for k, v in self.generator_.state_dict().items()}
+        tensors.update({f"classifier.{k}": v for k, v in self.classifier_.state_dict().items()})
         for name, module in self._style_modules().items():
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         tensors["styles"] = self.styles_
@@ -163,14 +231,25 @@ class _PersonalGAN(Method):
     def _set_state(self, tensors, config):
         n_labels = len(self.matrix_.label_ids)
         self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf)
+        self.classifier_ = FeatureNet(n_labels, len(self.matrix_.writer_ids), width=16, dim=128)
         self._build_style_shell(n_labels)
-        for name, module in {"generator": self.generator_, **self._style_modules()}.items():
+        modules = {
+            "generator": self.generator_,
+            "classifier": self.classifier_,
+            **self._style_modules(),
+        }
+        for name, module in modules.items():
             prefix = f"{name}."
             module.load_state_dict(
                 {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             )
             module.eval()
         self.styles_ = tensors["styles"]
+
+
+def _bounded(style: torch.Tensor) -> torch.Tensor:
+    """Style codes with zero mean and unit scale, as the style encoders also return them."""
+    return torch.nn.functional.layer_norm(style, style.shape[-1:])
 
 
 class EmbedGAN(_PersonalGAN):
@@ -190,10 +269,10 @@ class EmbedGAN(_PersonalGAN):
         return {"table": self.table_}
 
     def _style_of(self, batch):
-        return self.table_(batch["rows"])
+        return _bounded(self.table_(batch["rows"]))
 
     def _writer_styles(self, matrix, sampler):
-        return self.table_.weight.detach().clone()
+        return _bounded(self.table_.weight.detach().clone())
 
 
 class EncoderGAN(_PersonalGAN):
@@ -205,26 +284,17 @@ class EncoderGAN(_PersonalGAN):
     def _build_style(self, matrix, sampler, progress):
         self._build_style_shell(matrix.n_labels)
         self.encoder_.to(self.device_)
-        if self.encoder == "classifier":
-            # The seed's suggestion: features of a network trained to classify label and writer,
-            # frozen; only a small head on top learns with the GAN.
-            x, net = sampler.images, self.encoder_.features
-            cols = torch.as_tensor(matrix.cols, device=self.device_)
-            rows = torch.as_tensor(matrix.rows, device=self.device_)
-            rng = torch.Generator().manual_seed(cell_seed(self.seed, "classifier", 0))
-            steps = 3 * max(1, len(x) // 128)
-            with tqdm(total=steps, desc="classifier", disable=not progress) as bar:
-                train_feature_net(net, x, cols, rows, epochs=3, rng=rng, progress=bar)
-            for p in net.parameters():
-                p.requires_grad_(False)
 
     def _build_style_shell(self, n_labels):
         if self.encoder == "classifier":
-            self.encoder_ = ClassifierStyle(n_labels, len(self.matrix_.writer_ids), self.style_dim)
+            self.encoder_ = ClassifierStyle(self.classifier_, self.style_dim)
         else:
             self.encoder_ = StyleEncoder(n_labels, self.style_dim)
 
     def _style_modules(self):
+        # The classifier encoder's own part is its head: its features are the saved classifier.
+        if isinstance(self.encoder_, ClassifierStyle):
+            return {"encoder": self.encoder_.head}
         return {"encoder": self.encoder_}
 
     def _style_of(self, batch):
@@ -278,9 +348,9 @@ class EncoderGAN(_PersonalGAN):
 class ClassifierStyle(torch.nn.Module):
     """A frozen label+writer classifier's features, averaged over the set, then a small head."""
 
-    def __init__(self, n_labels: int, n_writers: int, style_dim: int):
+    def __init__(self, classifier: FeatureNet, style_dim: int):
         super().__init__()
-        self.features = FeatureNet(n_labels, n_writers, width=16, dim=128)
+        self.features = classifier
         self.head = torch.nn.Sequential(
             torch.nn.Linear(128, 128), torch.nn.LeakyReLU(0.2), torch.nn.Linear(128, style_dim)
         )
@@ -290,4 +360,5 @@ class ClassifierStyle(torch.nn.Module):
         self.features.eval()  # frozen, batch norm in inference mode
         h = self.features(images.reshape(b * k, 1, 28, 28)).view(b, k, -1)
         w = mask.float().unsqueeze(-1)
-        return self.head((h * w).sum(1) / w.sum(1).clamp_min(1.0))
+        style = self.head((h * w).sum(1) / w.sum(1).clamp_min(1.0))
+        return torch.nn.functional.layer_norm(style, style.shape[-1:])

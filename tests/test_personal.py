@@ -1,0 +1,202 @@
+"""embed-gan, encoder-gan and collagan: the fit/generate/save contract, new writers, and the
+losses' pieces, on tiny synthetic data (tiny nets, a few steps: contract, not quality)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_dataset
+
+from inkfill.bench import run_bench
+from inkfill.cli import main
+from inkfill.config import BenchConfig, FeatureConfig, InkfillError
+from inkfill.data import Dataset, WriterMatrix, load_dataset
+from inkfill.methods import load_run
+from inkfill.methods.base import fill_new_writers
+from inkfill.methods.collagan import CollaGAN
+from inkfill.methods.personal import EmbedGAN, EncoderGAN
+from inkfill.train import ssim
+
+TINY_PERSONAL = dict(
+    style_dim=8, nz=4, ngf=8, ndf=8, steps=4, batch_cells=4, classifier_epochs=1, seed=2
+)
+TINY_COLLA = dict(width=4, ndf=8, steps=4, batch_cells=4, seed=2)
+CASES = [
+    (EmbedGAN, TINY_PERSONAL),
+    (EncoderGAN, TINY_PERSONAL),
+    (EncoderGAN, {**TINY_PERSONAL, "encoder": "joint", "style_weight": 1.0}),
+    (CollaGAN, TINY_COLLA),
+]
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return WriterMatrix(make_dataset(n_writers=10, seed=4))
+
+
+@pytest.fixture(scope="module")
+def fitted(matrix):
+    return [cls(**params).fit(matrix) for cls, params in CASES]
+
+
+@pytest.mark.parametrize("k", range(len(CASES)))
+def test_contract(k, fitted, matrix, tmp_path):
+    m = fitted[k]
+    writer, label = matrix.empty_cells()[0]
+    a = m.generate(writer, label, 6, seed=1)
+    assert a.shape == (6, 28, 28) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, m.generate(writer, label, 6, seed=1))
+    assert not np.array_equal(a, m.generate(writer, label, 6, seed=2))
+    m.save(tmp_path / "run")
+    np.testing.assert_array_equal(load_run(tmp_path / "run").generate(writer, label, 6, seed=1), a)
+    history = next(iter(m.history_.values()))
+    assert history["step"][-1] == m.steps and all(np.isfinite(history["loss_g"]))
+
+
+def test_same_seed_same_model(matrix):
+    a = CollaGAN(**TINY_COLLA).fit(matrix).generate(*matrix.empty_cells()[0], 4)
+    b = CollaGAN(**TINY_COLLA).fit(matrix).generate(*matrix.empty_cells()[0], 4)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_styles_differ_between_writers(fitted):
+    for m in fitted[:3]:
+        styles = m.styles_
+        assert styles.shape[1] == 8
+        assert styles.std(0).mean() > 1e-3, f"{m.name}: every writer has the same style code"
+
+
+def test_new_writers_from_reference_images(fitted, matrix):
+    ref = Dataset(
+        matrix.data.images[:6], matrix.data.labels[:6], np.array(["new"] * 3 + ["other"] * 3)
+    )
+    for m in (fitted[1], fitted[3]):
+        out = fill_new_writers(m, ref, [7], per_cell=3, seed=0)
+        assert len(out) == 6 and set(out.writers) == {"new", "other"} and set(out.labels) == {7}
+        again = fill_new_writers(m, ref, [7], per_cell=3, seed=0)
+        np.testing.assert_array_equal(out.images, again.images)
+        every = fill_new_writers(m, ref, None, per_cell=2, seed=0)  # every label they lack
+        for w in ("new", "other"):
+            have = set(ref.labels[ref.writers == w].tolist())
+            assert set(every.labels[every.writers == w].tolist()) == set(range(10)) - have
+    with pytest.raises(InkfillError, match="cannot fill writers"):
+        fill_new_writers(fitted[0], ref, [7], per_cell=3)
+    bad = Dataset(ref.images, np.full(6, 40), ref.writers)
+    with pytest.raises(InkfillError, match="labels the run does not know"):
+        fill_new_writers(fitted[1], bad, [7], per_cell=3)
+
+
+def test_fill_reference_cli(fitted, matrix, tmp_path, capsys):
+    fitted[1].save(tmp_path / "run")
+    ref = Dataset(matrix.data.images[:5], matrix.data.labels[:5], np.array(["zz"] * 5))
+    ref.save(tmp_path / "ref.npz")
+    out = tmp_path / "out.npz"
+    args = ["fill", "--run", str(tmp_path / "run"), "--reference", str(tmp_path / "ref.npz")]
+    args.append("--no-progress")
+    assert main([*args, "--labels", "3,8", "--per-cell", "4", "--out", str(out)]) == 0
+    got = load_dataset(out, "all")
+    assert len(got) == 8 and sorted(set(got.labels.tolist())) == [3, 8]
+    assert main([*args, "--labels", "3,x", "--out", str(tmp_path / "bad.npz")]) == 2
+    assert main([*args, "--labels", "99", "--out", str(tmp_path / "bad.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("inkfill fill: error:") for line in err)
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_bench_new_writers(tmp_path, monkeypatch):
+    monkeypatch.setenv("INKFILL_CACHE", str(tmp_path / "cache"))
+    matrix = WriterMatrix(make_dataset(n_writers=16, seed=5))
+    config = BenchConfig(
+        methods="retrieval,encoder-gan", new_writers=4, shots=3, per_cell=4, figure_cells=2
+    )
+    results = run_bench(
+        matrix, config, tmp_path / "b", torch.device("cpu"),
+        FeatureConfig(epochs=1, width=8, dim=16, batch_size=32),
+        {"encoder-gan": {k: v for k, v in TINY_PERSONAL.items() if k != "seed"}},
+    )  # fmt: skip
+    assert list(results["rows"]) == ["ceiling (real)", "retrieval", "encoder-gan"]
+    assert len(results["hidden_cells"]) == 4
+    assert all(len(r["ranks"]) == 4 for r in results["rows"].values())
+    left = {h["writer"] for h in results["hidden_cells"]}
+    assert not left & set(load_run(tmp_path / "b" / "runs" / "retrieval").matrix_.writer_ids)
+    with pytest.raises(InkfillError, match="cannot fill writers"):
+        run_bench(
+            matrix, BenchConfig(methods="generic", new_writers=2), tmp_path / "c",
+            torch.device("cpu"),
+        )  # fmt: skip
+
+
+def test_leave_out_writers_gives_shots_of_other_labels(matrix):
+    reduced, cells = matrix.leave_out_writers(3, shots=4, seed=1)
+    assert reduced.n_writers == matrix.n_writers - 3
+    again = matrix.leave_out_writers(3, shots=4, seed=1)[1]
+    for c, d in zip(cells, again):
+        assert (c.writer, c.label) == (d.writer, d.label)
+        np.testing.assert_array_equal(c.reference, d.reference)
+        assert len(c.reference) == 4 and c.label not in c.reference_labels
+        assert c.writer not in reduced.writer_ids
+        np.testing.assert_array_equal(c.images, matrix.images(c.writer, c.label))
+
+
+def test_ssim_is_one_for_equal_images_and_falls_with_noise():
+    x = torch.rand(4, 1, 28, 28)
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-5)
+    noisy = (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
+    assert ssim(x, noisy).item() < 0.9
+    assert ssim(x, noisy).item() > ssim(x, torch.rand_like(x)).item()
+
+
+@pytest.mark.parametrize(
+    "method, flags",
+    [
+        ("encoder-gan", ["--style-dim", "8", "--nz", "4", "--ngf", "8", "--ndf", "8"]),
+        ("collagan", ["--width", "4", "--ndf", "8"]),
+    ],
+)
+def test_fit_cli_writes_run_and_figures(method, flags, tmp_path):
+    make_dataset(n_writers=8, seed=6).save(tmp_path / "tiny.npz")
+    run = tmp_path / "run"
+    args = ["fit", "--data", str(tmp_path / "tiny.npz"), "--method", method, "--out", str(run)]
+    extra = ["--steps", "3", "--batch-cells", "4", "--no-progress"]
+    if method == "encoder-gan":
+        extra += ["--classifier-epochs", "1"]
+    assert main([*args, *flags, *extra]) == 0
+    for name in ("config.json", "model.safetensors", "figures/losses.png", "figures/filled.png"):
+        assert (run / name).exists(), name
+    out = tmp_path / "filled.npz"
+    assert main(["fill", "--run", str(run), "--missing", "--out", str(out), "--no-progress"]) == 0
+    assert len(load_dataset(out, "all")) == 16 * len(load_run(run).matrix_.empty_cells())
+
+
+@pytest.mark.parametrize("k", range(len(CASES)))
+def test_all_62_labels_train_and_fill_letters(k):
+    cls, params = CASES[k]
+    letters = WriterMatrix(make_dataset(n_writers=6, labels=tuple(range(62)), seed=7))
+    m = cls(**params).fit(letters)
+    cells = [(w, c) for w, c in letters.empty_cells() if c >= 10][:3]
+    assert cells, "the synthetic data should leave some letter cells empty"
+    for writer, label in cells:
+        assert m.generate(writer, label, 2).shape == (2, 28, 28)
+
+
+def test_encoder_gan_end_to_end_on_real_digits(real_digits, tmp_path):
+    """A short fit on the real FEMNIST digits through the CLI; fill an empty cell and a writer
+    left out of training from 5 of their images (contract on real data, not quality)."""
+    matrix = WriterMatrix(load_dataset(real_digits))
+    reduced, cells = matrix.leave_out_writers(1, shots=5, seed=0)
+    reduced.data.save(tmp_path / "train.npz")
+    new = cells[0]
+    Dataset(new.reference, new.reference_labels, np.array([new.writer] * 5)).save(
+        tmp_path / "ref.npz"
+    )
+    run = tmp_path / "run"
+    fit = ["fit", "--data", str(tmp_path / "train.npz"), "--method", "encoder-gan"]
+    fit += ["--out", str(run), "--steps", "20", "--classifier-epochs", "1", "--no-progress"]
+    assert main([*fit, "--figures", "none"]) == 0
+    out = tmp_path / "new.npz"
+    args = ["fill", "--run", str(run), "--reference", str(tmp_path / "ref.npz")]
+    assert main([*args, "--labels", str(new.label), "--out", str(out), "--no-progress"]) == 0
+    got = load_dataset(out)
+    assert len(got) == 16 and set(got.writers.tolist()) == {new.writer}
+    writer, label = reduced.empty_cells()[0]
+    images = load_run(run).generate(writer, label, 4)
+    assert images.shape == (4, 28, 28) and images.std() > 0
