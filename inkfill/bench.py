@@ -260,7 +260,7 @@ def run_bench(
         if cannot:
             raise InkfillError(
                 f"--new-writers: {', '.join(cannot)} cannot fill writers they were not trained "
-                "on (methods that can: retrieval, encoder-gan)"
+                "on (methods that can: retrieval, encoder-gan, collagan)"
             )
         reduced, hidden = matrix.leave_out_writers(config.new_writers, config.shots, config.seed)
         echo(f"left out {len(hidden)} writers, {config.shots} reference images each; "

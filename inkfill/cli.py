@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--reference",
         metavar="REF.npz",
-        help="images of writers not in the training data (encoder-gan): fill their labels",
+        help="images of writers not in the training data (encoder-gan, collagan, retrieval)",
     )
     p.add_argument(
         "--labels",

@@ -285,7 +285,7 @@ def fill_new_writers(
     if not hasattr(method, "generate_from_reference"):
         raise InkfillError(
             f"method {method.name} cannot fill writers it was not trained on; "
-            "fit one that reads a writer's images (encoder-gan)"
+            "fit one that reads a writer's images (encoder-gan, collagan, retrieval)"
         )
     info = method.matrix_
     known = set(info.label_ids.tolist())
