@@ -7,7 +7,7 @@ RUN ?= runs/demo
 METHOD ?= embed-gan
 export INKFILL_DATA ?= $(DATA)
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,16 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-test: lint
+# The browser tests drive Debian's chromium; as root, install it if it is missing.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || { apt-get update -q \
+			>/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+		else echo "no /usr/bin/chromium: the browser tests will be skipped"; fi; fi
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 format: $(VENV)/.installed

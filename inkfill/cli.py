@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, distributed
 from .config import BenchConfig, DataConfig, FeatureConfig, InkfillError
 
 log = logging.getLogger("inkfill")
@@ -63,8 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="fit an imputation method and write a run directory")
     _add_data_args(p)
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--method", help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory to create")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted fit of RUN_DIR from its last checkpoint (same settings)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        metavar="STEPS",
+        help="save the training state every STEPS steps, for --resume (default 500)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of everything random (default 0)")
     _add_device_arg(p)
     p.add_argument("--figures", choices=FIGURE_LEVELS, default="all", help="which figures to draw")
@@ -110,6 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write a static HTML report of a run (opens from disk)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to create")
+    p.add_argument("--data", help="the run's data file, if not where the run was fitted")
+    p.add_argument("--bench", metavar="BENCH_DIR", help="bench results to show (found by itself "
+                   "for a run inside a bench directory)")  # fmt: skip
+    p.add_argument("--per-page", type=int, default=50, metavar="N", help="writers per page")
+    p.add_argument("--seed", type=int, default=0, help="seed of the filled cells shown")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="browse a run and generate images in a local web app")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--data", help="the run's data file, if not where the run was fitted")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_device_arg(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("explain", help="show cluster-gan's voting map for one cell")
     p.add_argument("--run", required=True, metavar="RUN_DIR")
@@ -255,9 +286,42 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"preview          {args.preview}")
 
 
+def _partial(out: Path) -> Path:
+    """Where a fit of `out` is built, and where it stays (with its checkpoints) if interrupted."""
+    return out.parent / f".{out.name}.partial"
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
+    from .methods.base import read_json
+
+    if args.resume:
+        if args.method or args.out:
+            raise InkfillError("--resume RUN_DIR takes the settings of the interrupted fit: "
+                               "give it without --method or --out")  # fmt: skip
+        out = Path(args.resume)
+        partial = _partial(out)
+        if not (partial / FIT_ARGS).exists():
+            done = " (it is complete)" if (out / "model.safetensors").exists() else ""
+            raise InkfillError(f"no interrupted fit of {out} to resume{done}")
+        try:
+            argv = read_json(partial / FIT_ARGS)["argv"]
+        except (InkfillError, KeyError, TypeError) as e:
+            raise InkfillError(f"{partial / FIT_ARGS}: unreadable ({e})") from None
+        saved = build_parser().parse_args([str(a) for a in argv])
+        saved.argv, saved.resume = argv, str(out)
+        return _fit(saved, resuming=True)
+    if not args.method or not args.out:
+        raise InkfillError("fit needs --method and --out (or --resume RUN_DIR)")
+    return _fit(args, resuming=False)
+
+
+FIT_ARGS = "fit_args.json"
+
+
+def _fit(args: argparse.Namespace, resuming: bool) -> None:
+    from .checkpoint import Checkpoints
     from .data import WriterMatrix, load_dataset
-    from .methods import method_class
+    from .methods import METHODS, method_class
     from .methods.base import write_json
 
     cls = method_class(args.method)
@@ -272,23 +336,78 @@ def cmd_fit(args: argparse.Namespace) -> None:
         }
         print(json.dumps(resolved, indent=1))
         return
-    _check_out(out, args.overwrite)
+    partial = _partial(out)
+    if not resuming:
+        _check_out(out, args.overwrite)
+        if partial.exists() and not args.overwrite:
+            raise InkfillError(
+                f"{partial} holds an interrupted fit of {out}: continue it with "
+                f"`inkfill fit --resume {out}`, or pass --overwrite to start over"
+            )
+    if args.checkpoint_every < 1:
+        raise InkfillError("--checkpoint-every must be at least 1")
     if args.figures != "none":
         import matplotlib  # noqa: F401  (fail early if plotting is broken, not after training)
     data_config = DataConfig(path=args.data, labels=args.labels)
     matrix = WriterMatrix(load_dataset(data_config.path, data_config.labels))
     device = resolve_device(args.device)
+    if distributed.launched():
+        if not cls.data_parallel:
+            raise InkfillError(
+                f"torchrun: {cls.name} trains in one process; data-parallel training is "
+                f"implemented for {', '.join(n for n, c in METHODS.items() if c.data_parallel)}"
+            )
+        if resuming:
+            raise InkfillError("--resume runs in one process, not under torchrun")
+        device = distributed.setup(device)
+        if not distributed.is_main():  # the other ranks train and leave the writing to rank 0
+            method.fit(matrix, device=device, progress=False)
+            distributed.teardown()
+            return
 
-    with _building(out, args.overwrite) as tmp:
+    if not resuming:
+        shutil.rmtree(partial, ignore_errors=True)
+    resumable = not distributed.active()  # checkpoints are written by single-process fits
+
+    def keep(tmp: Path) -> bool:
+        return (
+            resumable
+            and (tmp / "checkpoint").exists()
+            and Checkpoints(tmp / "checkpoint").has_state()
+        )
+
+    with _building(out, args.overwrite or resuming, tmp=partial, keep=keep) as tmp:
+        if resumable:
+            write_json(tmp / FIT_ARGS, {"argv": [str(a) for a in args.argv]})
+        checkpoints = Checkpoints(tmp / "checkpoint", args.checkpoint_every) if resumable else None
         summary = matrix.summary()
         log.info("fit %s on %s: %s", cls.name, args.data, summary)
+        where = str(device)
+        if distributed.active():
+            where += f", rank 0 of {distributed.world_size()} data-parallel processes"
         print(
             f"fitting {method!r} on {summary['images']:,} images, {summary['writers']} writers, "
-            f"{summary['labels']} labels ({device})"
+            f"{summary['labels']} labels ({where})"
         )
+        if resuming:
+            print(f"resuming from the checkpoints in {tmp / 'checkpoint'}")
         start = time.perf_counter()
-        method.fit(matrix, device=device, progress=not args.no_progress)
+        try:
+            method.fit(
+                matrix, device=device, progress=not args.no_progress, checkpoints=checkpoints
+            )
+        except FloatingPointError as e:
+            raise TrainingStopped(
+                f"training stopped: {e}; the last good checkpoint is kept in {tmp}: "
+                f"`inkfill fit --resume {out}` continues from it, or start over with a lower "
+                "learning rate and --overwrite"
+            ) from None
         fit_seconds = time.perf_counter() - start
+        if checkpoints is not None:
+            shutil.rmtree(tmp / "checkpoint")
+            (tmp / FIT_ARGS).unlink()
+        world = distributed.world_size()
+        distributed.teardown()
         print(f"fit took {fit_seconds:.1f} s")
         extra = {
             "data": {
@@ -298,6 +417,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
             },
             "fit_seconds": fit_seconds,
             "device": str(device),
+            "processes": world,
             "inkfill_version": __version__,
         }
         method.save(tmp, extra=extra)
@@ -319,14 +439,22 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise InkfillError(f"{out} already exists (pass --overwrite to replace it)")
 
 
+class TrainingStopped(InkfillError):
+    """Training diverged; the CLI exits with status 1 (not 2: the input was fine)."""
+
+    exit_code = 1
+
+
 @contextlib.contextmanager
-def _building(out: Path, overwrite: bool):
+def _building(out: Path, overwrite: bool, tmp: Path | None = None, keep=None):
     """A sibling temporary directory that replaces `out` only when the block completes; on any
-    error or interrupt it is removed, so no half-written run is left behind. Logs go to log.txt."""
+    error or interrupt it is removed (unless `keep(tmp)` says it holds something to resume), so
+    no half-written run is left behind. Logs go to log.txt."""
     _check_out(out, overwrite)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if tmp is None:
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("inkfill")
     handler = logging.FileHandler(tmp / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -336,8 +464,13 @@ def _building(out: Path, overwrite: bool):
     logger.setLevel(logging.DEBUG if logger.getEffectiveLevel() <= logging.DEBUG else logging.INFO)
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if keep is not None and keep(tmp):
+            if not isinstance(e, InkfillError):  # (those say so, or concern the input)
+                print(f"the last checkpoint is kept in {tmp}: continue with "
+                      f"`inkfill fit --resume {out}`", file=sys.stderr)  # fmt: skip
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         logger.removeHandler(handler)
@@ -495,6 +628,32 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"bench took {time.perf_counter() - start:.0f} s; results in {out}/results.md")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    run, out = Path(args.run), Path(args.out)
+    _check_run(run)
+    bench = Path(args.bench) if args.bench else None
+    with _building(out, args.overwrite) as tmp:
+        summary = write_report(run, tmp, args.data, bench, args.per_page, args.seed)
+    print(f"report of {run} ({summary['method']}: {summary['writers']:,} writers, "
+          f"{summary['filled_cells']:,} filled cells, {summary['pages']} pages) written to "
+          f"{out / 'index.html'}")  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    run = Path(args.run)
+    _check_run(run)
+    serve(run, args.data, args.host, args.port, resolve_device(args.device))
+
+
+def _check_run(run: Path) -> None:
+    if not run.is_dir():
+        raise InkfillError(f"no such run: {run}")
+
+
 def cmd_explain(args: argparse.Namespace) -> None:
     from .data import label_name
     from .methods import load_run
@@ -526,6 +685,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     console = logging.StreamHandler()
     console.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -537,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except InkfillError as e:
         print(f"inkfill {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("inkfill: interrupted", file=sys.stderr)
         return 130
@@ -549,4 +709,6 @@ def _set_threads() -> None:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores or 1))
+    # torchrun starts LOCAL_WORLD_SIZE processes on this machine: they share its cores.
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (cores or 1) // max(1, per_machine)))

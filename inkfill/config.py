@@ -63,8 +63,8 @@ class ClusterGANConfig:
     lr: float = param(2e-4, "Adam learning rate (DCGAN's)")
     beta1: float = param(0.5, "Adam beta1 (DCGAN's)")
     steps: int = param(14000, "conditional: training steps of the conditional DCGAN")
-    label_steps: int = param(600, "per-cluster: steps of each label's no-cluster DCGAN")
-    cluster_steps: int = param(300, "per-cluster: steps of each (label, cluster) DCGAN")
+    label_steps: int = param(400, "per-cluster: steps of each label's no-cluster DCGAN")
+    cluster_steps: int = param(150, "per-cluster: steps of each (label, cluster) DCGAN")
     cluster_batch_size: int = param(
         32, "per-cluster: images per step of the (label, cluster) DCGANs"
     )

@@ -12,6 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
+from .checkpoint import Loop
+
+NegativeSampler = Callable[
+    [torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]
+]
+
 
 def bce_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """The discriminator's side of the seed's min-max game: -log D(x) - log(1 - D(G(z)))."""
@@ -23,14 +30,28 @@ def bce_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake_logits).mean()
 
 
-def batches(n: int, batch_size: int, rng: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless minibatch indices: shuffled epochs, the last short batch of each dropped.
-    A set smaller than one batch is drawn whole each step."""
-    batch_size = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=rng)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start : start + batch_size]
+class Batches:
+    """Endless minibatch indices: shuffled epochs, the last short batch of each dropped. A set
+    smaller than one batch is drawn whole each step. Its place can be saved and restored."""
+
+    def __init__(self, n: int, batch_size: int, rng: torch.Generator):
+        self.n, self.batch_size, self.rng = n, min(batch_size, n), rng
+        self.order, self.pos = torch.zeros(0, dtype=torch.long), 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.pos + self.batch_size > len(self.order):
+            self.order, self.pos = torch.randperm(self.n, generator=self.rng), 0
+        self.pos += self.batch_size
+        return self.order[self.pos - self.batch_size : self.pos]
+
+    def state(self) -> tuple[torch.Tensor, int]:
+        return self.order, self.pos
+
+    def load_state(self, order: torch.Tensor, pos: int) -> None:
+        self.order, self.pos = order.long(), int(pos)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -53,25 +74,39 @@ def train_gan(
     rng: torch.Generator,
     log_every: int = 10,
     bf16: bool = False,
-    negatives: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    negatives: NegativeSampler | None = None,
     negative_weight: float = 0.0,
     progress=None,
+    checkpoint: Loop | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> dict[str, list[float]]:
     """DCGAN training (Radford et al.): BCE loss, Adam(lr, (beta1, 0.999)), alternating D and G.
 
     real: (N, 1, 28, 28) in [-1, 1]; classes: (N,) ids for a conditional pair, else None.
     Fake images are drawn for the classes of each real batch. With `negatives`, a function of the
-    batch's indices returning real (images, classes) that must count as fake, the discriminator
+    batch's indices and the loop's random generator returning real (images, classes) that must
+    count as fake, the discriminator
     also learns to reject them with weight `negative_weight` (negative data augmentation, Sinha
     et al. 2021; for a conditional pair, mismatched classes as in Reed et al. 2016). Returns the
     loss history, one entry per `log_every` steps (means over those steps). `progress` is a tqdm
-    bar or None.
+    bar or None. With a `checkpoint` (checkpoint.Loop) the loop saves its state every so many
+    steps and, if a saved state of this loop exists, continues from it.
     """
     device = real.device
+    # NHWC (channels_last) lets oneDNN (CPU) and cuDNN pick faster convolution kernels.
+    generator.to(memory_format=memory_format)
+    discriminator.to(memory_format=memory_format)
+    real = real.contiguous(memory_format=memory_format)
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
     generator.train()
     discriminator.train()
+    # Under torchrun: DDP-wrapped models, batches from this rank's shard, noise of its own.
+    gen, disc = distributed.wrap(generator), distributed.wrap(discriminator)
+    mine = distributed.shard(len(real))
+    if distributed.active():
+        seed = int(torch.randint(2**62, (1,), generator=rng)) + distributed.rank()
+        rng = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {
         "step": [],
         "loss_d": [],
@@ -80,29 +115,36 @@ def train_gan(
         "d_fake": [],
     }
     sums = torch.zeros(4)
-    index = batches(len(real), batch_size, rng)
-    for step in range(1, steps + 1):
-        idx = next(index).to(device)
+    index = Batches(len(mine), batch_size, rng)
+    start = 0
+    if checkpoint is not None:
+        start, saved = checkpoint.resume({"g": opt_g, "d": opt_d}, rng, index)
+        history = saved or history
+        if progress is not None:
+            progress.update(start)
+    for step in range(start + 1, steps + 1):
+        idx = mine[next(index)].to(device)
         x = real[idx]
         y = None if classes is None else classes[idx]
         z = torch.randn(len(idx), generator.nz, generator=rng).to(device)
         with autocast(device, bf16):
-            fake = generator(z, y)
-            real_logits = discriminator(x, y)
-            fake_logits = discriminator(fake.detach(), y)
+            fake = gen(z, y)
+            real_logits = disc(x, y)
+            fake_logits = disc(fake.detach(), y)
             loss_d = bce_d_loss(real_logits.float(), fake_logits.float())
             if negatives is not None and negative_weight > 0:
-                neg_x, neg_y = negatives(idx)
+                neg_x, neg_y = negatives(idx, rng)
                 if len(neg_x):
-                    neg_logits = discriminator(neg_x, neg_y).float()
+                    neg_logits = disc(neg_x, neg_y).float()
                     loss_d = loss_d + negative_weight * F.softplus(neg_logits).mean()
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        with autocast(device, bf16):
-            loss_g = bce_g_loss(discriminator(fake, y).float())
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        with distributed.no_sync(disc):  # D's gradients from this pass are discarded
+            with autocast(device, bf16):
+                loss_g = bce_g_loss(disc(fake, y).float())
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
         opt_g.step()
 
         sums += torch.stack(
@@ -124,6 +166,8 @@ def train_gan(
                 raise FloatingPointError(
                     f"non-finite GAN loss at step {step}: D {means[0]}, G {means[1]}"
                 )
+            if checkpoint is not None:  # only at a log boundary: the running sums are zero
+                checkpoint.step(step, history)
         if progress is not None:
             progress.update(1)
     generator.eval()
@@ -160,7 +204,7 @@ def train_feature_net(
     )
     history: dict[str, list[float]] = {"epoch": [], "loss": [], "label_acc": [], "writer_acc": []}
     net.train()
-    index = batches(len(images), batch_size, rng)
+    index = Batches(len(images), batch_size, rng)
     for epoch in range(1, epochs + 1):
         sums = torch.zeros(3)
         for _ in range(steps_per_epoch):
@@ -214,6 +258,23 @@ class _LossLog:
         if not all(map(_finite, means[:2])):
             raise FloatingPointError(f"non-finite loss at step {step}: D {means[0]}, G {means[1]}")
 
+    def resume(self, checkpoint: Loop | None, optimizers, rng, progress) -> int:
+        """Continue from the loop's last checkpoint, if any: returns the step to start after."""
+        if checkpoint is None:
+            return 0
+        start, saved = checkpoint.resume(optimizers, rng)
+        if saved is not None:
+            self.history = saved
+        if progress is not None:
+            progress.update(start)
+        return start
+
+    def save(self, checkpoint: Loop | None, step: int) -> None:
+        """Checkpoint at log boundaries only (the running sums are then zero and the losses
+        have just been checked finite)."""
+        if checkpoint is not None and step % self.log_every == 0:
+            checkpoint.step(step, self.history)
+
 
 def random_shift(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
     """Translate each image by up to max_shift pixels (zero padding = background at -1)."""
@@ -256,6 +317,7 @@ def train_personal_gan(
     bf16: bool = False,
     log_every: int = 10,
     progress=None,
+    checkpoint: Loop | None = None,
 ) -> dict[str, list[float]]:
     """Train a personal generator G(z, style, label) against a PersonalDiscriminator.
 
@@ -299,6 +361,7 @@ def train_personal_gan(
     keys = ("loss_d", "loss_g", "adv", "recon", "kl", "mean", "features", "spread", "style")
     losses = _LossLog((*keys, "d_label_acc"), steps, log_every)
     m = samples_per_cell
+    start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress)
 
     def judge(images, labels, style):
         return discriminator(
@@ -307,7 +370,7 @@ def train_personal_gan(
             style if judge_style else None,
         )
 
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         batch = sample()
         labels = batch["labels"]
         labels_m = labels.repeat_interleave(m)
@@ -374,6 +437,7 @@ def train_personal_gan(
         with torch.no_grad():
             acc = (real_cls.argmax(1) == labels).float().mean()
             losses.add(step, (loss_d, loss_g, adv, rec, kl, mean, feat, spread, style_loss, acc))
+        losses.save(checkpoint, step)
         if progress is not None:
             progress.update(1)
     generator.eval()
@@ -419,6 +483,7 @@ def train_collagan(
     bf16: bool = False,
     log_every: int = 10,
     progress=None,
+    checkpoint: Loop | None = None,
 ) -> dict[str, list[float]]:
     """Train CollaGAN: G(the writer's other label images, target mask) -> the target image.
 
@@ -439,11 +504,12 @@ def train_collagan(
     eye = torch.eye(n_labels, device=device)[:, :, None, None].expand(-1, -1, 28, 28)
     keys = ("loss_d", "loss_g", "adv", "recon", "ssim", "cycle", "d_label_acc")
     losses = _LossLog(keys, steps, log_every)
+    start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress)
 
     def judge(images, labels):
         return discriminator(random_shift(images, shift, rng) if shift else images, labels)
 
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         batch = sample()
         cols, target = batch["target_col"], batch["target"]
         with autocast(device, bf16):
@@ -478,6 +544,7 @@ def train_collagan(
         with torch.no_grad():
             acc = (real_cls.argmax(1) == cols).float().mean()
             losses.add(step, (loss_d, loss_g, adv, recon, sim, cycle, acc))
+        losses.save(checkpoint, step)
         if progress is not None:
             progress.update(1)
     generator.eval()

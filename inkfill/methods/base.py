@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import Checkpoints, Loop
 from ..config import InkfillError
 from ..data import Cell, DataError, Dataset, WriterMatrix, atomic_path
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MATRIX_FILE = "matrix.json"
+FILL_CHUNK = 256  # cells per generate_cells call in fill(): big batches, a live progress bar
 
 
 class NotFittedError(InkfillError):
@@ -100,6 +102,7 @@ class Method:
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    data_parallel: ClassVar[bool] = False  # fit() trains with DDP under torchrun
 
     def __init__(self, **params: Any):
         fields = {f.name: f.default for f in dataclasses.fields(self.Config)}
@@ -126,12 +129,23 @@ class Method:
     # -- the contract ------------------------------------------------------------------------
 
     def fit(
-        self, matrix: WriterMatrix, *, device: str | torch.device = "cpu", progress: bool = False
+        self,
+        matrix: WriterMatrix,
+        *,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+        checkpoints: Checkpoints | None = None,
     ):
+        """Learn from `matrix`. With `checkpoints` (checkpoint.Checkpoints), training saves its
+        state there as it goes and continues from whatever state it finds there."""
         _ = self.config  # validate before any work
         self.device_ = torch.device(device)
         self.matrix_ = MatrixInfo.of(matrix)
-        self._fit(matrix, progress=progress)
+        self._checkpoints = checkpoints
+        try:
+            self._fit(matrix, progress=progress)
+        finally:
+            self._checkpoints = None
         return self
 
     def generate(self, writer: str, label: int, n: int, seed: int = 0) -> np.ndarray:
@@ -141,6 +155,17 @@ class Method:
         if n < 0:
             raise InkfillError("n must be >= 0")
         return self._generate(str(writer), int(label), int(n), cell_generator(seed, writer, label))
+
+    def generate_cells(self, cells: Sequence[Cell], n: int, seed: int = 0) -> list[np.ndarray]:
+        """`generate(writer, label, n, seed)` for every cell, drawn in large batches where the
+        method can: the same images as cell by cell, many times faster for thousands of cells."""
+        self.check_fitted()
+        if n < 0:
+            raise InkfillError("n must be >= 0")
+        cells = [(str(w), int(lab)) for w, lab in cells]
+        for writer, label in cells:
+            self.matrix_.row(writer), self.matrix_.col(label)  # clear errors for unknown ids
+        return self._generate_cells(cells, int(n), seed) if cells else []
 
     def check_fitted(self) -> None:
         if not hasattr(self, "matrix_"):
@@ -212,6 +237,10 @@ class Method:
     def _generate(self, writer: str, label: int, n: int, rng: torch.Generator) -> np.ndarray:
         raise NotImplementedError
 
+    def _generate_cells(self, cells: list[Cell], n: int, seed: int) -> list[np.ndarray]:
+        """Override to batch: one forward pass for many cells, each with its own noise stream."""
+        return [self._generate(w, lab, n, cell_generator(seed, w, lab)) for w, lab in cells]
+
     def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors for the safetensors file and extra JSON for config.json."""
         raise NotImplementedError
@@ -221,6 +250,27 @@ class Method:
 
     def _modules(self) -> list[torch.nn.Module]:
         return []
+
+    # -- resumable stages (no-ops without checkpoints) ----------------------------------------
+
+    def _finished(self, stage: str, modules: dict[str, torch.nn.Module]) -> dict | None:
+        """If `stage` finished in an earlier, interrupted fit: load it into `modules` and return
+        its loss history; else None."""
+        ck = getattr(self, "_checkpoints", None)
+        history = None if ck is None else ck.finished(stage, modules)
+        if history is not None:
+            for module in modules.values():
+                module.eval()  # as the training loop leaves them
+        return history
+
+    def _loop(self, stage: str, modules: dict[str, torch.nn.Module]) -> Loop | None:
+        ck = getattr(self, "_checkpoints", None)
+        return None if ck is None else ck.loop(stage, modules)
+
+    def _finish(self, stage: str, modules: dict[str, torch.nn.Module], history: dict) -> None:
+        ck = getattr(self, "_checkpoints", None)
+        if ck is not None:
+            ck.finish(stage, modules, history)
 
 
 def fill(
@@ -238,11 +288,12 @@ def fill(
                 f"cell ({writer}, {label}) is observed in the data; only empty cells are filled"
             )
     parts = []
-    for writer, label in cells:
-        images = method.generate(writer, label, per_cell, seed)
-        parts.append(Dataset(images, np.full(len(images), label), np.full(len(images), writer)))
+    for start in range(0, len(cells), FILL_CHUNK):
+        chunk = cells[start : start + FILL_CHUNK]
+        for (writer, label), images in zip(chunk, method.generate_cells(chunk, per_cell, seed)):
+            parts.append(Dataset(images, np.full(len(images), label), np.full(len(images), writer)))
         if progress is not None:
-            progress.update(1)
+            progress.update(len(chunk))
     if not parts:
         return Dataset(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), np.zeros(0, str))
     return Dataset.concat(parts)

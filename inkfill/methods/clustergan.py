@@ -22,13 +22,14 @@ from ..metrics import mean_pairwise_distance, share_in
 from ..models import Discriminator, Generator
 from ..plots import save_loss_curves, save_real_fake, save_tradeoff
 from ..train import train_gan
-from .base import Method, cell_seed
+from .base import Method, cell_generator, cell_seed
 
 log = logging.getLogger(__name__)
 
 
 class ClusterGAN(Method):
     name = "cluster-gan"
+    data_parallel = True  # every network trains in train.train_gan
     Config = ClusterGANConfig
 
     # -- fitting -------------------------------------------------------------------------------
@@ -56,13 +57,21 @@ class ClusterGAN(Method):
         self.offsets_ = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     def _train(self, G, D, real, classes, steps, name, bar, batch_size=None, negatives=None):
+        modules = {"g": G, "d": D}
+        done = self._finished(name, modules)
+        if done is not None:  # trained before an interruption: loaded, not retrained
+            self.history_[name] = done
+            bar.update(steps)
+            return
         rng = torch.Generator().manual_seed(cell_seed(self.seed, "train", name))
         self.history_[name] = train_gan(
             G, D, real, classes, steps=steps, batch_size=batch_size or self.batch_size,
             lr=self.lr, beta1=self.beta1, rng=rng, bf16=self.bf16, progress=bar,
             negatives=negatives, negative_weight=self.conditional_negative_weight
             if self.generator == "conditional" else self.negative_weight,
+            checkpoint=self._loop(name, modules),
         )  # fmt: skip
+        self._finish(name, modules, self.history_[name])
 
     def _fit_conditional(self, real, cols, clusters, progress) -> None:
         n_classes = int(self.offsets_[-1])
@@ -73,9 +82,8 @@ class ClusterGAN(Method):
         # style, not of digit), for labels with more than one cluster.
         k_of = torch.as_tensor(np.diff(self.offsets_), device=self.device_)[cols]  # (N,)
         can = k_of > 1
-        rng = torch.Generator().manual_seed(cell_seed(self.seed, "negatives", "conditional"))
 
-        def mismatched(idx):
+        def mismatched(idx, rng):
             idx = idx[: len(idx) // 2]  # half a batch is enough and keeps the step cheap
             idx = idx[can[idx]]
             shift = (
@@ -88,14 +96,13 @@ class ClusterGAN(Method):
             self._train(G, D, real, classes, self.steps, "conditional", bar, negatives=mismatched)
         self.generators_ = {"conditional": G}
 
-    def _sampler(self, others: torch.Tensor, name: str):
+    def _sampler(self, others: torch.Tensor):
         """Negatives for one (label, cluster) DCGAN: random real images of the label's other
         clusters, which its discriminator learns to reject as well as the fakes."""
         if not len(others):
             return None
-        rng = torch.Generator().manual_seed(cell_seed(self.seed, "negatives", name))
 
-        def negatives(idx: torch.Tensor):
+        def negatives(idx: torch.Tensor, rng: torch.Generator):
             pick = torch.randint(len(others), (len(idx),), generator=rng).to(others.device)
             return others[pick], None
 
@@ -119,7 +126,7 @@ class ClusterGAN(Method):
                     self._train(G0, D0, real[in_label], None, self.label_steps, f"{label}", bar)
                 for k in range(lab.n_clusters):
                     mine = in_label & (clusters == k)
-                    negatives = self._sampler(real[in_label & (clusters != k)], f"{label}.{k}")
+                    negatives = self._sampler(real[in_label & (clusters != k)])
                     if self.warm_start:
                         G, D, steps = copy.deepcopy(G0), copy.deepcopy(D0), self.cluster_steps
                     else:
@@ -138,6 +145,32 @@ class ClusterGAN(Method):
     def _generate(self, writer: str, label: int, n: int, rng: torch.Generator) -> np.ndarray:
         cluster = self.clusters_.vote(writer, label).cluster
         return self.sample(label, cluster, n, rng)
+
+    @torch.no_grad()
+    def _generate_cells(self, cells, n, seed):
+        psi = self.truncation
+        pairs = [(label, self.clusters_.vote(writer, label).cluster) for writer, label in cells]
+        z = psi * torch.cat([torch.randn(n, self.nz, generator=cell_generator(seed, w, lab))
+                             for w, lab in cells])  # fmt: skip
+        if self.generator == "conditional":
+            classes = torch.as_tensor(
+                [int(self.offsets_[self.matrix_.col(lab)]) + k for lab, k in pairs]
+            ).repeat_interleave(n)
+            images = self._forward(self.generators_["conditional"], z, classes)
+        else:  # one forward pass per (label, cluster) generator, over all its cells
+            images = np.zeros((len(z), 28, 28), np.uint8)
+            owner = np.repeat(np.array([f"{lab}.{k}" for lab, k in pairs]), n)
+            for key in np.unique(owner):
+                at = torch.as_tensor(np.flatnonzero(owner == key))
+                images[at.numpy()] = self._forward(self.generators_[str(key)], z[at])
+        return list(images.reshape(len(cells), n, 28, 28))
+
+    def _forward(self, G, z, classes=None, chunk: int = 4096) -> np.ndarray:
+        out = []
+        for s in range(0, len(z), chunk):
+            c = None if classes is None else classes[s : s + chunk].to(self.device_)
+            out.append(to_images(G(z[s : s + chunk].to(self.device_), c)))
+        return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
 
     @torch.no_grad()
     def sample(

@@ -18,7 +18,7 @@ from ..config import CollaGANConfig, InkfillError
 from ..data import WriterMatrix, to_images, to_model
 from ..models import CollaGenerator, PersonalDiscriminator
 from ..train import train_collagan
-from .base import Method, cell_seed, save_generator_figures
+from .base import Method, cell_generator, cell_seed, save_generator_figures
 
 
 class _Stacks:
@@ -95,9 +95,13 @@ class CollaGAN(Method):
 
             self.generator_ = CollaGenerator(n_labels, self.width).to(dev)
             disc = PersonalDiscriminator(n_labels, 0, self.ndf).to(dev)
+            modules = {"generator": self.generator_, "discriminator": disc}
+            done = self._finished(self.name, modules)
             with tqdm(total=self.steps, desc=self.name, disable=not progress) as bar:
                 self.history_ = {
-                    self.name: train_collagan(
+                    self.name: done
+                    if done is not None
+                    else train_collagan(
                         self.generator_,
                         disc,
                         sample,
@@ -113,15 +117,37 @@ class CollaGAN(Method):
                         rng=rng,
                         bf16=self.bf16,
                         progress=bar,
+                        checkpoint=self._loop(self.name, modules),
                     )  # fmt: skip
                 }
+            self._finish(self.name, modules, self.history_[self.name])
         # Filling reads the writer's training images: keep them (uint8) with the run.
         self.images_ = matrix.data.images
         self.rows_, self.cols_ = matrix.rows.astype(np.int64), matrix.cols.astype(np.int64)
 
-    @torch.no_grad()
     def _draw(self, images, cols, target_col, n, rng):
         """n images of target_col from one writer's images (uint8) with label columns `cols`."""
+        return self._forward(self._inputs(images, cols, target_col, n, rng))
+
+    def _generate_cells(self, cells, n, seed):
+        inputs = []
+        for writer, label in cells:
+            mine = self.rows_ == self.matrix_.row(writer)
+            rng = cell_generator(seed, writer, label)
+            col = self.matrix_.col(label)
+            inputs.append(self._inputs(self.images_[mine], self.cols_[mine], col, n, rng))
+        if not inputs:
+            return []
+        return list(self._forward(torch.cat(inputs)).reshape(len(cells), n, 28, 28))
+
+    @torch.no_grad()
+    def _forward(self, x, chunk: int = 2048) -> np.ndarray:
+        out = [to_images(self.generator_(x[s : s + chunk].to(self.device_)))
+               for s in range(0, len(x), chunk)]  # fmt: skip
+        return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
+
+    def _inputs(self, images, cols, target_col, n, rng) -> torch.Tensor:
+        """(n, 2L, 28, 28): the writer's label images, randomly dropped, and the target mask."""
         n_labels = len(self.matrix_.label_ids)
         ink = torch.as_tensor(images, dtype=torch.float32) / 255.0  # (M, 28, 28)
         cols = torch.as_tensor(cols)
@@ -141,8 +167,7 @@ class CollaGAN(Method):
                     x[empty, c] = ink[pool[torch.randint(len(pool), (1,), generator=rng)]]
         mask = torch.zeros(n, n_labels, 28, 28)
         mask[:, target_col] = 1.0
-        out = self.generator_(torch.cat([x, mask], 1).to(self.device_))
-        return to_images(out)
+        return torch.cat([x, mask], 1)
 
     def _generate(self, writer, label, n, rng):
         row, col = self.matrix_.row(writer), self.matrix_.col(label)

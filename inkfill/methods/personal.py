@@ -31,7 +31,7 @@ from ..models import (
     StyleEncoder,
 )
 from ..train import train_feature_net, train_personal_gan
-from .base import Method, cell_seed, save_generator_figures
+from .base import Method, cell_generator, cell_seed, save_generator_figures
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,16 @@ class _PersonalGAN(Method):
                 posterior = PosteriorEncoder(matrix.n_labels, self.style_dim, self.nz, self.ndf).to(
                     self.device_
                 )
+            modules = {"generator": self.generator_, "discriminator": disc, "head": head,
+                       **self._style_modules()}  # fmt: skip
+            if posterior is not None:
+                modules["posterior"] = posterior
+            done = self._finished(self.name, modules)
             with tqdm(total=self.steps, desc=self.name, disable=not progress) as bar:
                 self.history_ = {
-                    self.name: train_personal_gan(
+                    self.name: done
+                    if done is not None
+                    else train_personal_gan(
                         self.generator_,
                         disc,
                         params,
@@ -176,8 +183,10 @@ class _PersonalGAN(Method):
                         rng=rng,
                         bf16=self.bf16,
                         progress=bar,
+                        checkpoint=self._loop(self.name, modules),
                     )
                 }
+            self._finish(self.name, modules, self.history_[self.name])
             for module in self._style_modules().values():
                 module.eval()
             self.styles_ = self._writer_styles(matrix, sampler)
@@ -198,24 +207,48 @@ class _PersonalGAN(Method):
         rows = torch.as_tensor(matrix.rows, device=self.device_)
         rng = torch.Generator().manual_seed(cell_seed(self.seed, "classifier", self.name))
         steps = self.classifier_epochs * max(1, len(x) // 128)
-        with tqdm(total=steps, desc=f"{self.name} classifier", disable=not progress) as bar:
-            train_feature_net(
-                net, x, cols, rows, epochs=self.classifier_epochs, rng=rng, progress=bar
-            )
+        if self._finished("classifier", {"net": net}) is None:
+            # Its dropout draws from the global stream: fork it, so that what follows starts
+            # from the same state whether the classifier was trained now or loaded on resume.
+            with (
+                torch.random.fork_rng(devices=[]),
+                tqdm(total=steps, desc=f"{self.name} classifier", disable=not progress) as bar,
+            ):
+                history = train_feature_net(
+                    net, x, cols, rows, epochs=self.classifier_epochs, rng=rng, progress=bar
+                )
+            self._finish("classifier", {"net": net}, history)
         for p in net.parameters():
             p.requires_grad_(False)
         return net.eval()
 
-    @torch.no_grad()
     def _generate(self, writer, label, n, rng):
         style = self.styles_[self.matrix_.row(writer)][None]
         return self._sample(style, self.matrix_.col(label), n, rng)
 
-    @torch.no_grad()
+    def _generate_cells(self, cells, n, seed):
+        # Each cell's noise from its own stream, then one forward pass for all the cells.
+        z = torch.cat([torch.randn(n, self.nz, generator=cell_generator(seed, w, lab))
+                       for w, lab in cells])  # fmt: skip
+        rows = torch.as_tensor([self.matrix_.row(w) for w, _ in cells]).repeat_interleave(n)
+        cols = torch.as_tensor([self.matrix_.col(lab) for _, lab in cells]).repeat_interleave(n)
+        images = self._draw(self.truncation * z, self.styles_[rows], cols)
+        return list(images.reshape(len(cells), n, 28, 28))
+
     def _sample(self, style: torch.Tensor, col: int, n: int, rng: torch.Generator) -> np.ndarray:
-        z = (self.truncation * torch.randn(n, self.nz, generator=rng)).to(self.device_)
-        labels = torch.full((n,), col, device=self.device_)
-        return to_images(self.generator_(z, style.to(self.device_).expand(n, -1), labels))
+        z = self.truncation * torch.randn(n, self.nz, generator=rng)
+        return self._draw(z, style.expand(n, -1), torch.full((n,), col))
+
+    @torch.no_grad()
+    def _draw(self, z, style, cols, chunk: int = 4096) -> np.ndarray:
+        """G(z, style, label) for (N, nz) noise, (N, style_dim) codes, (N,) label columns."""
+        dev, out = self.device_, []
+        for s in range(0, len(z), chunk):
+            part = slice(s, s + chunk)
+            out.append(to_images(self.generator_(
+                z[part].to(dev), style[part].to(dev), cols[part].to(dev)
+            )))  # fmt: skip
+        return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
 
     def _modules(self):
         return [self.generator_, self.classifier_, *self._style_modules().values()]

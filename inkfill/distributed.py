@@ -1,0 +1,100 @@
+"""Data-parallel training under torchrun: one process per device, PyTorch's
+DistributedDataParallel (gloo on CPU, nccl on CUDA), each rank drawing batches from its own shard
+of the images; rank 0 alone writes.
+
+    torchrun --nproc_per_node 2 -m inkfill fit --method cluster-gan --out runs/ddp
+
+Outside torchrun (no WORLD_SIZE in the environment) everything here is a no-op, so the training
+loops call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import InkfillError
+
+
+def launched() -> bool:
+    """True in a process that torchrun started with more than one process in the group."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes; returns this rank's device (cuda:LOCAL_RANK
+    when training on CUDA, else the device given)."""
+    if not launched() or active():
+        return device
+    if not dist.is_available():
+        raise InkfillError("this PyTorch build has no torch.distributed")
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise InkfillError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices here"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif device.type == "cpu":
+        dist.init_process_group("gloo")
+    else:
+        raise InkfillError(f"distributed training runs on cpu (gloo) or cuda (nccl), not {device}")
+    return device
+
+
+def teardown() -> None:
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap(module: nn.Module) -> nn.Module:
+    """DistributedDataParallel(module) when training in a group, else the module itself. DDP
+    broadcasts rank 0's initial weights, so every rank starts from the same model."""
+    if not active():
+        return module
+    device = next(module.parameters()).device
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def no_sync(module: nn.Module):
+    """Skip the gradient all-reduce of a wrapped module for one backward pass (its gradients are
+    thrown away anyway, e.g. D's in the generator's step)."""
+    import contextlib
+
+    return (
+        module.no_sync()
+        if isinstance(module, nn.parallel.DistributedDataParallel)
+        else (contextlib.nullcontext())
+    )
+
+
+def shard(n: int) -> torch.Tensor:
+    """This rank's share of n items: indices rank, rank + world, ... (all of them when there are
+    fewer items than ranks)."""
+    if n < world_size():
+        return torch.arange(n)
+    return torch.arange(rank(), n, world_size())
