@@ -304,11 +304,13 @@ def cmd_fit(args: argparse.Namespace) -> None:
             done = " (it is complete)" if (out / "model.safetensors").exists() else ""
             raise InkfillError(f"no interrupted fit of {out} to resume{done}")
         try:
-            argv = read_json(partial / FIT_ARGS)["argv"]
+            blob = read_json(partial / FIT_ARGS)
+            argv, data = blob["argv"], blob["data"]
         except (InkfillError, KeyError, TypeError) as e:
             raise InkfillError(f"{partial / FIT_ARGS}: unreadable ({e})") from None
         saved = build_parser().parse_args([str(a) for a in argv])
-        saved.argv, saved.resume = argv, str(out)
+        # The data as resolved when the fit started (absolute), and the run where it is now.
+        saved.argv, saved.resume, saved.data, saved.out = argv, str(out), data, str(out)
         return _fit(saved, resuming=True)
     if not args.method or not args.out:
         raise InkfillError("fit needs --method and --out (or --resume RUN_DIR)")
@@ -320,7 +322,7 @@ FIT_ARGS = "fit_args.json"
 
 def _fit(args: argparse.Namespace, resuming: bool) -> None:
     from .checkpoint import Checkpoints
-    from .data import WriterMatrix, load_dataset
+    from .data import WriterMatrix, load_dataset, resolve_data_path
     from .methods import METHODS, method_class
     from .methods.base import write_json
 
@@ -378,7 +380,8 @@ def _fit(args: argparse.Namespace, resuming: bool) -> None:
 
     with _building(out, args.overwrite or resuming, tmp=partial, keep=keep) as tmp:
         if resumable:
-            write_json(tmp / FIT_ARGS, {"argv": [str(a) for a in args.argv]})
+            data_path = str(resolve_data_path(data_config.path).resolve())
+            write_json(tmp / FIT_ARGS, {"argv": [str(a) for a in args.argv], "data": data_path})
         checkpoints = Checkpoints(tmp / "checkpoint", args.checkpoint_every) if resumable else None
         summary = matrix.summary()
         log.info("fit %s on %s: %s", cls.name, args.data, summary)
@@ -412,8 +415,8 @@ def _fit(args: argparse.Namespace, resuming: bool) -> None:
         extra = {
             "data": {
                 "path": str(args.data or os.environ.get("INKFILL_DATA")),
-                "labels": args.labels,
                 **summary,
+                "label_set": args.labels,
             },
             "fit_seconds": fit_seconds,
             "device": str(device),

@@ -79,7 +79,7 @@ def write_report(
     info = method.matrix_
     saved = config.get("data", {})
     labels = "all" if any(int(v) > 9 for v in info.label_ids) else "digits"
-    dataset = load_dataset(data or saved.get("path"), saved.get("labels", labels))
+    dataset = load_dataset(data or saved.get("path"), saved.get("label_set", labels))
 
     writers = [str(w) for w in info.writer_ids]
     row_of = {w: r for r, w in enumerate(writers)}

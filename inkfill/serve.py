@@ -92,7 +92,7 @@ class App:
         self.writers = [str(w) for w in info.writer_ids]
         self.label_ids = [int(v) for v in info.label_ids]
         labels = "all" if any(v > 9 for v in self.label_ids) else "digits"
-        dataset = load_dataset(data or saved.get("path"), saved.get("labels", labels))
+        dataset = load_dataset(data or saved.get("path"), saved.get("label_set", labels))
         row_of = {w: r for r, w in enumerate(self.writers)}
         col_of = {v: c for c, v in enumerate(self.label_ids)}
         self.real: dict[tuple[int, int], list[int]] = {}

@@ -5,6 +5,7 @@ save(dir) / load(dir) with safetensors weights and JSON (no pickle), per-cell se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -146,7 +147,7 @@ class Method:
             self._fit(matrix, progress=progress)
         finally:
             self._checkpoints = None
-        return self
+        return self.to(self.device_)
 
     def generate(self, writer: str, label: int, n: int, seed: int = 0) -> np.ndarray:
         """n new images for cell (writer, label): uint8 (n, 28, 28), the same for the same seed."""
@@ -176,8 +177,18 @@ class Method:
     def to(self, device: str | torch.device):
         self.device_ = torch.device(device)
         for module in self._modules():
-            module.to(self.device_)
+            # NHWC: the faster convolution kernels on CPU (oneDNN) and GPU (cuDNN).
+            module.to(self.device_, memory_format=torch.channels_last)
         return self
+
+    def _inference(self):
+        """The context of every generator forward pass: no autograd, and bf16 autocast when
+        the method trains in bf16 (about 2x the images/s on a CPU with AVX-512 BF16)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if getattr(self, "bf16", False) and self.device_.type in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(self.device_.type, dtype=torch.bfloat16))
+        return stack
 
     # -- reporting (optional) ------------------------------------------------------------------
 

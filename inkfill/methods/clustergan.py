@@ -167,9 +167,10 @@ class ClusterGAN(Method):
 
     def _forward(self, G, z, classes=None, chunk: int = 4096) -> np.ndarray:
         out = []
-        for s in range(0, len(z), chunk):
-            c = None if classes is None else classes[s : s + chunk].to(self.device_)
-            out.append(to_images(G(z[s : s + chunk].to(self.device_), c)))
+        with self._inference():
+            for s in range(0, len(z), chunk):
+                c = None if classes is None else classes[s : s + chunk].to(self.device_)
+                out.append(to_images(G(z[s : s + chunk].to(self.device_), c)))
         return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
 
     @torch.no_grad()
@@ -187,8 +188,8 @@ class ClusterGAN(Method):
         if self.generator == "conditional":
             c = self.matrix_.col(label)
             classes = torch.full((n,), int(self.offsets_[c]) + cluster, device=self.device_)
-            return to_images(self.generators_["conditional"](z, classes))
-        return to_images(self.generators_[f"{label}.{cluster}"](z))
+            return self._forward(self.generators_["conditional"], z, classes)
+        return self._forward(self.generators_[f"{label}.{cluster}"], z)
 
     # -- the seed's check ----------------------------------------------------------------------
 

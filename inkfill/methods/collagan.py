@@ -140,10 +140,10 @@ class CollaGAN(Method):
             return []
         return list(self._forward(torch.cat(inputs)).reshape(len(cells), n, 28, 28))
 
-    @torch.no_grad()
     def _forward(self, x, chunk: int = 2048) -> np.ndarray:
-        out = [to_images(self.generator_(x[s : s + chunk].to(self.device_)))
-               for s in range(0, len(x), chunk)]  # fmt: skip
+        with self._inference():
+            out = [to_images(self.generator_(x[s : s + chunk].to(self.device_)))
+                   for s in range(0, len(x), chunk)]  # fmt: skip
         return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
 
     def _inputs(self, images, cols, target_col, n, rng) -> torch.Tensor:

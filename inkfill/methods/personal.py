@@ -239,15 +239,15 @@ class _PersonalGAN(Method):
         z = self.truncation * torch.randn(n, self.nz, generator=rng)
         return self._draw(z, style.expand(n, -1), torch.full((n,), col))
 
-    @torch.no_grad()
     def _draw(self, z, style, cols, chunk: int = 4096) -> np.ndarray:
         """G(z, style, label) for (N, nz) noise, (N, style_dim) codes, (N,) label columns."""
         dev, out = self.device_, []
-        for s in range(0, len(z), chunk):
-            part = slice(s, s + chunk)
-            out.append(to_images(self.generator_(
-                z[part].to(dev), style[part].to(dev), cols[part].to(dev)
-            )))  # fmt: skip
+        with self._inference():
+            for s in range(0, len(z), chunk):
+                part = slice(s, s + chunk)
+                out.append(to_images(self.generator_(
+                    z[part].to(dev), style[part].to(dev), cols[part].to(dev)
+                )))  # fmt: skip
         return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
 
     def _modules(self):
