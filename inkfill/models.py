@@ -23,6 +23,27 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def conv_transpose_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """ConvTranspose2d(kernel 4, stride 2, padding 1) as a 3x3 convolution to 4 sub-pixel
+    channels and a pixel shuffle: the same sums, but oneDNN runs it ~1.5x faster when the output
+    has a single channel (the generators' last layer). weight: (C_in, C_out, 4, 4).
+
+    Output row 2m + a takes input rows m - 1, m, m + 1 through kernel rows (3, 1, -) for a = 0
+    and (-, 2, 0) for a = 1; the same for columns.
+    """
+    n_in, n_out = weight.shape[:2]
+    taps = ((3, 1, None), (None, 2, 0))
+    w = weight.new_zeros(n_out, 2, 2, n_in, 3, 3)
+    for a in range(2):
+        for b in range(2):
+            for ty, ky in enumerate(taps[a]):
+                for tx, kx in enumerate(taps[b]):
+                    if ky is not None and kx is not None:
+                        w[:, a, b, :, ty, tx] = weight[:, :, ky, kx].T
+    b = None if bias is None else bias.repeat_interleave(4)
+    return F.pixel_shuffle(F.conv2d(x, w.reshape(n_out * 4, n_in, 3, 3), b, padding=1), 2)
+
+
 class Generator(nn.Module):
     """z (B, nz) [+ class (B,)] -> image (B, 1, 28, 28) in [-1, 1].
 
@@ -50,7 +71,11 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
             z = torch.cat([z, self.embed(classes)], dim=1)
-        return self.net(z[:, :, None, None])
+        if self.training:
+            return self.net(z[:, :, None, None])
+        last = self.net[-2]  # the single-channel transposed convolution, done faster
+        x = self.net[:-2](z[:, :, None, None])
+        return torch.tanh(conv_transpose_4s2(x, last.weight, last.bias).float())
 
 
 class Discriminator(nn.Module):
@@ -202,7 +227,9 @@ class FiLMGenerator(nn.Module):
         x = self.fc(torch.cat([z, cond], dim=1)).view(len(z), self.ngf * 4, 7, 7)
         x = self._modulate(x, self.norm0, self.film0, cond)
         x = self._modulate(self.up1(x), self.norm1, self.film1, cond)
-        return torch.tanh(self.up2(x).float())
+        if self.training:
+            return torch.tanh(self.up2(x).float())
+        return torch.tanh(conv_transpose_4s2(x, self.up2.weight, self.up2.bias).float())
 
 
 class PersonalDiscriminator(nn.Module):

@@ -44,3 +44,35 @@ def test_batched_fill_equals_cell_by_cell(name, matrix):
     assert len(out) == 7 * len(cells)
     np.testing.assert_array_equal(out.images[:7], batched[0])
     assert method.generate_cells([], 7) == []
+
+
+def test_inference_rewrites_compute_what_the_layers_compute():
+    import torch
+    import torch.nn.functional as F
+
+    from inkfill.models import FiLMGenerator, conv_transpose_4s2
+
+    torch.manual_seed(0)
+    for n_out in (1, 4):
+        layer = torch.nn.ConvTranspose2d(6, n_out, 4, 2, 1)
+        x = torch.randn(3, 6, 7, 7)
+        torch.testing.assert_close(conv_transpose_4s2(x, layer.weight, layer.bias), layer(x))
+
+    G = FiLMGenerator(nz=4, cond_dim=5, ngf=4)
+    for module in (G.film0, G.film1):  # FiLM away from its identity start
+        torch.nn.init.normal_(module.weight, 0, 0.3)
+    G.train()
+    for _ in range(3):  # running statistics away from their start
+        G(torch.randn(16, 4), torch.randn(16, 5))
+    G.eval()
+    z, cond = torch.randn(8, 4), torch.randn(8, 5)
+    with torch.no_grad():
+        fast = G(z, cond)
+        # The plain computation: batch norm in eval mode, then FiLM, ReLU, transposed convs.
+        x = G.fc(torch.cat([z, cond], 1)).view(8, G.ngf * 4, 7, 7)
+        for norm, film, up in ((G.norm0, G.film0, None), (G.norm1, G.film1, G.up1)):
+            x = x if up is None else up(x)
+            gamma, beta = film(cond).chunk(2, 1)
+            x = F.relu(norm(x) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
+        slow = torch.tanh(G.up2(x))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
