@@ -10,6 +10,7 @@ loops call it unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -83,13 +84,9 @@ def wrap(module: nn.Module) -> nn.Module:
 def no_sync(module: nn.Module):
     """Skip the gradient all-reduce of a wrapped module for one backward pass (its gradients are
     thrown away anyway, e.g. D's in the generator's step)."""
-    import contextlib
-
-    return (
-        module.no_sync()
-        if isinstance(module, nn.parallel.DistributedDataParallel)
-        else (contextlib.nullcontext())
-    )
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    return contextlib.nullcontext()
 
 
 def shard(n: int) -> torch.Tensor:
