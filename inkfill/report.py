@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .config import LABEL_CHARS, InkfillError
-from .data import load_dataset
-from .methods import load_run
+from .methods import load_run, load_run_data
 from .methods.base import CONFIG_FILE, read_json
 
 TILE = 28
@@ -77,9 +76,7 @@ def write_report(
     method = load_run(run)
     config = read_json(run / CONFIG_FILE)
     info = method.matrix_
-    saved = config.get("data", {})
-    labels = "all" if any(int(v) > 9 for v in info.label_ids) else "digits"
-    dataset = load_dataset(data or saved.get("path"), saved.get("label_set", labels))
+    dataset = load_run_data(run, method, data)
 
     writers = [str(w) for w in info.writer_ids]
     row_of = {w: r for r, w in enumerate(writers)}

@@ -24,9 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import LABEL_CHARS, InkfillError
-from .data import load_dataset
-from .methods import load_run
-from .methods.base import CONFIG_FILE, read_json
+from .methods import load_run, load_run_data
 
 MAX_N = 64
 MAX_FILES = 32
@@ -87,12 +85,9 @@ class App:
         self.run = Path(run)
         self.method = load_run(self.run, device or torch.device("cpu"))
         info = self.method.matrix_
-        config = read_json(self.run / CONFIG_FILE)
-        saved = config.get("data", {})
         self.writers = [str(w) for w in info.writer_ids]
         self.label_ids = [int(v) for v in info.label_ids]
-        labels = "all" if any(v > 9 for v in self.label_ids) else "digits"
-        dataset = load_dataset(data or saved.get("path"), saved.get("label_set", labels))
+        dataset = load_run_data(self.run, self.method, data)
         row_of = {w: r for r, w in enumerate(self.writers)}
         col_of = {v: c for c, v in enumerate(self.label_ids)}
         self.real: dict[tuple[int, int], list[int]] = {}

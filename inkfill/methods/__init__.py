@@ -36,4 +36,14 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     return method_class(str(name)).load(run_dir, device=device)
 
 
-__all__ = ["METHODS", "Method", "fill", "load_run", "method_class"]
+def load_run_data(run_dir: str | os.PathLike, method: Method, data: str | None = None):
+    """The Dataset `run_dir` was fitted on: `data` if given, else the path its config.json
+    recorded (the label set as recorded, or inferred from the run's labels)."""
+    from ..data import load_dataset
+
+    saved = read_json(Path(run_dir) / CONFIG_FILE).get("data", {})
+    inferred = "all" if any(int(v) > 9 for v in method.matrix_.label_ids) else "digits"
+    return load_dataset(data or saved.get("path"), saved.get("label_set", inferred))
+
+
+__all__ = ["METHODS", "Method", "fill", "load_run", "load_run_data", "method_class"]
