@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/femnist/femnist_digits.npz
 RUN ?= runs/demo
-METHOD ?= embed-gan
+METHOD ?= completion-gan
 export INKFILL_DATA ?= $(DATA)
 
 .PHONY: demo test lint format clean browser

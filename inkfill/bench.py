@@ -24,9 +24,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import metrics
+from .completion import PrototypeRegression, cell_prototypes
 from .config import BenchConfig, FeatureConfig, InkfillError
 from .data import Dataset, HiddenCell, WriterMatrix, atomic_path, to_model
-from .methods import fill, method_class
+from .methods import fill, method_class, reference_methods
 from .methods.base import write_json
 from .models import FeatureNet
 from .plots import save_bar_chart, save_hidden_cells
@@ -175,6 +176,8 @@ class Scorer:
             k = len(perm) // 2
             self.halves.append((cell.images[perm[:k]], cell.images[perm[k:]]))
         self.b_emb = [judge.embed(b) for _, b in self.halves]
+        self.real_div = np.array([metrics.mean_pairwise_distance(c.images) for c in hidden])
+        self._reference = (ref_emb, ref_rows, ref_cols, seed)
         self.b_all = np.concatenate(self.b_emb)
         # Copy rate: nearest training image of the same label, for every hidden real image.
         self.bank = {c: data.images[reduced.cols == c] for c in range(reduced.n_labels)}
@@ -184,6 +187,38 @@ class Scorer:
                 for cell in hidden
             ]
         )
+
+    def predicted(self) -> np.ndarray:
+        """Each hidden cell's prototype in the judge's space, predicted from its writer's other
+        cells (reference halves; for a new writer, their few reference images) by a regression
+        fitted across the reduced data's writers."""
+        ref_emb, ref_rows, ref_cols, seed = self._reference
+        r = self.reduced
+        protos, _ = cell_prototypes(ref_emb, ref_rows, ref_cols, r.n_writers, r.n_labels)
+        regression = PrototypeRegression(ref_emb.shape[1], seed=seed).fit(protos)
+        codes = regression.codes(protos)
+        out = []
+        for h in self.hidden:
+            if h.reference is None:
+                row = codes[[r.row(h.writer)]]
+            else:
+                cols = np.asarray([r.col(int(v)) for v in h.reference_labels])
+                mine, _ = cell_prototypes(
+                    self.judge.embed(h.reference), np.zeros(len(cols), int), cols, 1, r.n_labels
+                )
+                row = regression.codes(mine)
+            out.append(regression.embed(regression.predict(row, r.col(h.label))[0]))
+        return np.stack(out)
+
+    def rank_rows(self, queries: np.ndarray) -> dict:
+        """Retrieval scores of one query embedding per hidden cell (no images)."""
+        ranks, n_cand = [], []
+        for k, (cell, query) in enumerate(zip(self.hidden, queries)):
+            c = self.reduced.col(cell.label)
+            candidates = np.concatenate([self.b_emb[k].mean(0, keepdims=True), self.candidates[c]])
+            ranks.append(metrics.retrieval_rank(query, candidates, 0))
+            n_cand.append(len(candidates))
+        return {**metrics.summarise_ranks(ranks, n_cand), "ranks": [int(r) for r in ranks]}
 
     def score(self, fills: list[np.ndarray]) -> dict:
         """Scores of one method's fills, fills[k] being the images for hidden[k]."""
@@ -208,6 +243,7 @@ class Scorer:
             inception_score=metrics.inception_score(np.concatenate(all_probs)),
             copy_rate=metrics.copy_rate(np.concatenate(nn), self.real_nn),
             diversity=float(np.nanmean(div)),
+            diversity_ratio=float(np.nanmedian(np.asarray(div) / self.real_div)),
             ranks=[int(r) for r in ranks],
         )
         return out
@@ -223,6 +259,7 @@ class Scorer:
             self.judge.label_probs(np.concatenate([c.images for c in self.hidden]))
         )
         out["copy_rate"] = metrics.copy_rate(self.real_nn, self.real_nn)
+        out["diversity_ratio"] = 1.0
         return out
 
 
@@ -260,7 +297,7 @@ def run_bench(
         if cannot:
             raise InkfillError(
                 f"--new-writers: {', '.join(cannot)} cannot fill writers they were not trained "
-                "on (methods that can: retrieval, encoder-gan, collagan)"
+                f"on (methods that can: {', '.join(reference_methods())})"
             )
         reduced, hidden = matrix.leave_out_writers(config.new_writers, config.shots, config.seed)
         echo(f"left out {len(hidden)} writers, {config.shots} reference images each; "
@@ -281,6 +318,9 @@ def run_bench(
     cells = [(h.writer, h.label) for h in hidden]
 
     rows = {"ceiling (real)": scorer.ceiling()}
+    rows["predicted"] = scorer.rank_rows(scorer.predicted())
+    echo(f"predicted (the cell's prototype regressed from the writer's other cells, no "
+         f"images): MRR {rows['predicted']['mrr']:.3f}")  # fmt: skip
     fills: dict[str, list[np.ndarray]] = {}
     for name, method in methods.items():
         echo(f"{name}: fitting")
@@ -362,6 +402,7 @@ COLUMNS = [
     ("inception_score", "IS", "{:.2f}"),
     ("copy_rate", "copy rate", "{:.3f}"),
     ("diversity", "diversity", "{:.2f}"),
+    ("diversity_ratio", "div ratio", "{:.2f}"),
     ("fit_seconds", "fit s", "{:.0f}"),
     ("fill_seconds", "fill s", "{:.2f}"),
 ]
@@ -392,7 +433,11 @@ def results_markdown(results: dict) -> str:
         "cell's real images as if they were a fill; FID compares each fill (as many images per "
         "cell as that half) with the other half; IS uses the judge's label head; copy rate is the "
         "share of images nearer to a training image than 95% of real held-out images are (real: "
-        "0.05).",
+        "0.05). Diversity is the mean pairwise pixel distance of a cell's images; div ratio the "
+        "median over cells of a fill's diversity over the real hidden cell's. `predicted` ranks "
+        "the hidden cell's prototype as predicted in the judge's space from the writer's other "
+        "cells by a ridge regression fitted across writers (no images): how predictable a cell "
+        "is.",
     ]
     for name, row in checks:
         lines.append(

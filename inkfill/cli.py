@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--reference",
         metavar="REF.npz",
-        help="images of writers not in the training data (encoder-gan, collagan, retrieval)",
+        help="images of writers not in the training data (methods that read a writer's images: "
+        "retrieval, predicted-retrieval, encoder-gan, collagan, completion-gan)",
     )
     p.add_argument(
         "--labels",
@@ -186,6 +187,10 @@ def _config_from_args(args: argparse.Namespace, cls, prefix: str = ""):
 def _add_method_args(p: argparse.ArgumentParser, methods) -> None:
     """One --flag per hyperparameter of any method, named after its Config field."""
     group = p.add_argument_group("method hyperparameters (defaults depend on --method)")
+    defaults: dict[str, dict[str, object]] = {}  # flag -> {method: default}
+    for cls in methods.values():
+        for f in dataclasses.fields(cls.Config):
+            defaults.setdefault(f.name, {})[cls.name] = f.default
     seen: set[str] = set()
     for cls in methods.values():
         for f in dataclasses.fields(cls.Config):
@@ -193,7 +198,12 @@ def _add_method_args(p: argparse.ArgumentParser, methods) -> None:
                 continue
             seen.add(f.name)
             flag = "--" + f.name.replace("_", "-")
-            help_ = f"{f.metadata.get('help', '')} [{cls.name}: {f.default}]"
+            mine = defaults[f.name]
+            if len(set(map(repr, mine.values()))) == 1:
+                where = f"{', '.join(mine)}: {f.default}"
+            else:
+                where = "; ".join(f"{name}: {value}" for name, value in mine.items())
+            help_ = f"{f.metadata.get('help', '')} [{where}]"
             if isinstance(f.default, bool):
                 group.add_argument(
                     flag, action=argparse.BooleanOptionalAction, default=None, help=help_

@@ -163,7 +163,8 @@ class BenchConfig:
     """inkfill bench: hide whole cells, fit each method on the rest, fill and score the hidden."""
 
     methods: str = param(
-        "generic,retrieval,linear,cluster-gan", "comma-separated methods to compare"
+        "generic,retrieval,predicted-retrieval,linear,cluster-gan",
+        "comma-separated methods to compare",
     )
     hidden_cells: int = param(200, "whole observed cells to hide")
     per_cell: int = param(16, "images each method generates for each hidden cell")
@@ -280,3 +281,79 @@ class CollaGANConfig:
             raise InkfillError("--steps and --shift must be >= 0")
         if not (0 < self.keep <= 1 and 0 < self.fill_keep <= 1):
             raise InkfillError("--keep and --fill-keep must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PredictedRetrievalConfig:
+    """Real images of other writers nearest the cell's predicted prototype (a reference row)."""
+
+    n_components: int = param(32, "principal components of the prototypes the regressions use")
+    classifier_epochs: int = param(3, "epochs of the label+writer classifier (the style space)")
+    seed: int = param(0, "seed of the classifier and the regressions")
+
+    def __post_init__(self):
+        if self.n_components < 1 or self.classifier_epochs < 1:
+            raise InkfillError("--n-components and --classifier-epochs must be at least 1")
+
+
+@dataclass(frozen=True)
+class CompletionGANConfig:
+    """Complete the matrix in a style space, then render: the generator draws a cell from its
+    prototype as predicted from the writer's other cells, and is trained on exactly that task."""
+
+    n_components: int = param(32, "principal components of the prototypes the regressions use")
+    classifier_epochs: int = param(3, "epochs of the label+writer classifier (the style space)")
+    style_dim: int = param(64, "size of the style code the generator reads")
+    nz: int = param(32, "noise size: the variation within one cell")
+    ngf: int = param(32, "generator width")
+    ndf: int = param(32, "discriminator width")
+    steps: int = param(3000, "training steps")
+    batch_cells: int = param(32, "cells per step")
+    samples_per_cell: int = param(4, "generated images per cell and step (>= 2 for the spread)")
+    lr: float = param(2e-4, "Adam learning rate")
+    style_lr: float = param(1.0, "learning rate of the code-to-style network, times --lr")
+    beta1: float = param(0.5, "Adam beta1")
+    predicted_share: float = param(
+        0.5,
+        "training cells conditioned on their prototype predicted without them (the task), "
+        "the rest on their real prototype",
+    )
+    feature_weight: float = param(
+        0.2, "squared distance of the cell's generated and real mean embedding"
+    )
+    nce_weight: float = param(
+        1.0, "InfoNCE: the generated cell must be nearest its writer among the label's writers"
+    )
+    nce_temperature: float = param(0.1, "temperature of the InfoNCE cosine similarities")
+    spread_weight: float = param(
+        1.0, "the cell's draws must differ as much as the real cell's images do (log ratio)"
+    )
+    label_weight: float = param(1.0, "auxiliary label classifier loss (AC-GAN)")
+    r1_weight: float = param(
+        1.0, "R1: penalise D's gradient on real images (gamma / 2 * |grad|^2; 0: off)"
+    )
+    recon_weight: float = param(
+        10.0, "cVAE: L1 redrawing each real image from its inferred noise (0: off)"
+    )
+    kl_weight: float = param(0.05, "cVAE: KL of the inferred noise to N(0, I)")
+    judge_style: bool = param(True, "the discriminator also judges the style (projection)")
+    shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
+    truncation: float = param(1.0, "sampling: z ~ truncation * N(0, I)")
+    bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
+    seed: int = param(0, "seed of initialisation and training")
+
+    def __post_init__(self):
+        for name in ("n_components", "classifier_epochs", "style_dim", "nz", "ngf", "ndf"):
+            if getattr(self, name) < 1:
+                raise InkfillError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.batch_cells < 1 or self.samples_per_cell < 2:
+            raise InkfillError("--batch-cells must be >= 1 and --samples-per-cell >= 2")
+        if self.steps < 0 or self.shift < 0 or not self.truncation > 0:
+            raise InkfillError("--steps and --shift must be >= 0 and --truncation > 0")
+        if not 0 <= self.predicted_share <= 1 or not self.nce_temperature > 0:
+            raise InkfillError("--predicted-share must be in [0, 1] and --nce-temperature > 0")
+        weights = ("feature_weight", "nce_weight", "spread_weight", "label_weight",
+                   "r1_weight", "recon_weight", "kl_weight")  # fmt: skip
+        for name in weights:
+            if getattr(self, name) < 0:
+                raise InkfillError(f"--{name.replace('_', '-')} must be >= 0")

@@ -259,7 +259,9 @@ class PersonalDiscriminator(nn.Module):
         g = self.group if len(h) % self.group == 0 else 1
         if g == 1:
             return h.new_zeros(len(h), 1)
-        spread = h.float().view(g, -1, h.shape[1]).std(0, unbiased=False).mean(1)  # (B/g,)
+        # sqrt(var + eps) as in StyleGAN: finite second derivatives (R1) where features agree.
+        var = h.float().view(g, -1, h.shape[1]).var(0, unbiased=False)
+        spread = (var + 1e-8).sqrt().mean(1)  # (B/g,)
         return spread.repeat(g)[:, None].to(h.dtype)
 
     def forward(self, images, labels, style=None):
@@ -348,3 +350,23 @@ class CollaGenerator(nn.Module):
         d2 = self.dec2(torch.cat([self.up2(m), e2], 1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
         return torch.tanh(self.out(d1))
+
+
+class CodeStyle(nn.Module):
+    """A cell's prototype code (B, code_dim) and its label (B,) -> a style code (B, style_dim):
+    the method-specific part of completion-gan's generator, a small MLP with a bounded output."""
+
+    def __init__(self, code_dim: int, n_labels: int, style_dim: int = 64, hidden: int = 128):
+        super().__init__()
+        self.label = nn.Embedding(n_labels, hidden)
+        self.inp = nn.Linear(code_dim, hidden)
+        self.net = nn.Sequential(
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, style_dim),
+        )
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        style = self.net(self.inp(codes) + self.label(labels))
+        return F.layer_norm(style, style.shape[-1:])

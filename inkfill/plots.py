@@ -184,7 +184,7 @@ def save_tradeoff(
 
 
 def save_hidden_cells(
-    hidden, fills: Mapping[str, Sequence[np.ndarray]], path: str | os.PathLike, n_show: int = 4
+    hidden, fills: Mapping[str, Sequence[np.ndarray]], path: str | os.PathLike, n_show: int = 8
 ) -> None:
     """One row per hidden cell: its real images, then each method's fill (n_show images each)."""
     columns = ["real (hidden)", *fills]

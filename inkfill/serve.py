@@ -1,7 +1,7 @@
 """`inkfill serve`: a local web app over one fitted run, on FastAPI (Starlette + uvicorn).
 
 Pick a writer and a label, see the writer's real cells and generate N new images with a seed;
-with a method that fills writers it never saw (encoder-gan, collagan, retrieval), upload a few
+with a method that fills writers it never saw (completion-gan, encoder-gan, ...), upload a few
 images of a new writer and fill their missing labels.
 
 Why FastAPI: typed query parameters, multipart uploads and JSON errors out of the box on a small,
@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import LABEL_CHARS, InkfillError
-from .methods import load_run, load_run_data
+from .methods import load_run, load_run_data, reference_methods
 
 MAX_N = 64
 MAX_FILES = 32
@@ -164,7 +164,7 @@ class App:
             raise BadRequest(
                 400,
                 f"this run's method ({self.method.name}) cannot fill writers it was not trained "
-                "on; use an encoder-gan, collagan or retrieval run",
+                f"on; use a run of {', '.join(reference_methods())}",
             )
         if not files:
             raise BadRequest(400, "upload at least one image")

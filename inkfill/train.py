@@ -296,23 +296,23 @@ def train_personal_gan(
     restyle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     *,
     steps: int,
-    samples_per_cell: int = 2,
-    lr: float = 2e-4,
-    style_lr: float = 1.0,
-    beta1: float = 0.5,
-    mean_weight: float = 10.0,
-    label_weight: float = 1.0,
-    style_weight: float = 1.0,
-    diversity_weight: float = 0.0,
-    writer_head: nn.Module | None = None,
-    writer_weight: float = 0.0,
-    features: nn.Module | None = None,
-    feature_weight: float = 0.0,
-    judge_style: bool = True,
-    posterior: nn.Module | None = None,
-    recon_weight: float = 10.0,
-    kl_weight: float = 0.01,
-    shift: int = 2,
+    samples_per_cell: int,
+    lr: float,
+    style_lr: float,
+    beta1: float,
+    mean_weight: float,
+    label_weight: float,
+    style_weight: float,
+    diversity_weight: float,
+    writer_head: nn.Module | None,
+    writer_weight: float,
+    features: nn.Module | None,
+    feature_weight: float,
+    judge_style: bool,
+    posterior: nn.Module | None,
+    recon_weight: float,
+    kl_weight: float,
+    shift: int,
     rng: torch.Generator,
     bf16: bool = False,
     log_every: int = 10,
@@ -340,6 +340,7 @@ def train_personal_gan(
     - `diversity_weight` * mode seeking (two draws for one cell must differ), subtracted, and
       `writer_weight` * CE of `writer_head(style)` against the writer (both off by default).
 
+    Every weight comes from the method's config (no defaults here, so there is one source).
     The style parameters learn at `style_lr` times `lr`. D sees every image translated by up to
     `shift` pixels (differentiable augmentation, Zhao et al. 2020), so that it cannot memorise the
     few images of each writer.
@@ -358,7 +359,8 @@ def train_personal_gan(
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
     generator.train()
     discriminator.train()
-    keys = ("loss_d", "loss_g", "adv", "recon", "kl", "mean", "features", "spread", "style")
+    keys = ("loss_d", "loss_g", "adv", "recon", "kl", "mean", "features", "spread", "style",
+            "writer")  # fmt: skip
     losses = _LossLog((*keys, "d_label_acc"), steps, log_every)
     m = samples_per_cell
     start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress)
@@ -436,7 +438,8 @@ def train_personal_gan(
 
         with torch.no_grad():
             acc = (real_cls.argmax(1) == labels).float().mean()
-            losses.add(step, (loss_d, loss_g, adv, rec, kl, mean, feat, spread, style_loss, acc))
+            terms = (adv, rec, kl, mean, feat, spread, style_loss, writer_loss)
+            losses.add(step, (loss_d, loss_g, *terms, acc))
         losses.save(checkpoint, step)
         if progress is not None:
             progress.update(1)
@@ -549,4 +552,186 @@ def train_collagan(
             progress.update(1)
     generator.eval()
     discriminator.eval()
+    return losses.history
+
+
+class CellLoss:
+    """The generator's objective of completion-gan beyond the adversarial term, as named terms
+    (EDM's loss objects): every weight comes from the method's config, terms of weight 0 are not
+    computed, and `terms` lists the names that are, in the order the loop logs them.
+
+    For B cells with m draws each (fake (B*m, 1, 28, 28)) and the batch of the cell sampler:
+    - features: squared distance of the draws' mean embedding to the real cell's prototype;
+    - nce: InfoNCE over writers: the draws' mean embedding, centred on the label's mean, must be
+      nearer (cosine / temperature) the real cell's prototype than any other writer's prototype of
+      the label (the bench's retrieval task, in the method's own feature space);
+    - spread: |log| of the ratio of the draws' mean pairwise pixel distance to the real cell's
+      (a collapsed cell, far below, pulls hard);
+    - recon / kl: the cVAE's L1 reconstruction of each real image from its inferred noise and the
+      KL of that noise to N(0, I).
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        prototypes: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        feature_weight: float,
+        nce_weight: float,
+        nce_temperature: float,
+        spread_weight: float,
+        recon_weight: float,
+        kl_weight: float,
+    ):
+        self.features = features
+        self.prototypes, self.valid = prototypes, valid  # (L, W, d), (L, W) bool
+        self.label_means = (prototypes * valid[..., None]).sum(1) / valid.sum(1).clamp_min(1)[
+            :, None
+        ]
+        self.weights = {
+            "features": feature_weight,
+            "nce": nce_weight,
+            "spread": spread_weight,
+            "recon": recon_weight,
+            "kl": kl_weight,
+        }
+        self.temperature = nce_temperature
+        self.terms = tuple(k for k, w in self.weights.items() if w > 0)
+
+    def __call__(self, fake, batch, m, recon=None, mu=None, logvar=None) -> dict[str, torch.Tensor]:
+        rows, labels = batch["rows"], batch["labels"]
+        out: dict[str, torch.Tensor] = {}
+        if "features" in self.terms or "nce" in self.terms:
+            emb = self.features(fake).float().view(len(labels), m, -1).mean(1)  # (B, d)
+        if "features" in self.terms:
+            out["features"] = ((emb - batch["mean_features"]) ** 2).sum(1).mean()
+        if "nce" in self.terms:
+            centre = self.label_means[labels]  # (B, d)
+            query = F.normalize(emb - centre, dim=1)
+            keys = F.normalize(self.prototypes[labels] - centre[:, None], dim=2)  # (B, W, d)
+            logits = torch.einsum("bd,bwd->bw", query, keys) / self.temperature
+            logits = logits.masked_fill(~self.valid[labels], float("-inf"))
+            out["nce"] = F.cross_entropy(logits, rows)
+        if "spread" in self.terms:
+            ink = ((fake.float() + 1) / 2).view(len(labels), m, -1)  # (B, m, 784) in [0, 1]
+            d2 = (ink[:, :, None] - ink[:, None]).pow(2).sum(-1)  # (B, m, m)
+            pairs = torch.triu_indices(m, m, 1, device=fake.device)
+            spread = (d2[:, pairs[0], pairs[1]] + 1e-4).sqrt().mean(1)  # (B,)
+            out["spread"] = (spread.log() - batch["spread"].log()).abs().mean()
+        if recon is not None and "recon" in self.terms:
+            out["recon"] = (recon.float() - batch["real"]).abs().mean()
+        if mu is not None and "kl" in self.terms:
+            kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum(1)
+            out["kl"] = kl.mean()
+        return out
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[k] * v for k, v in terms.items())
+
+
+def train_cell_gan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    style_net: nn.Module,
+    sample: Callable[[], dict[str, torch.Tensor]],
+    loss: CellLoss,
+    *,
+    steps: int,
+    samples_per_cell: int,
+    lr: float,
+    style_lr: float,
+    beta1: float,
+    label_weight: float,
+    r1_weight: float,
+    judge_style: bool,
+    shift: int,
+    rng: torch.Generator,
+    posterior: nn.Module | None = None,
+    bf16: bool = False,
+    log_every: int = 10,
+    progress=None,
+    checkpoint: Loop | None = None,
+) -> dict[str, list[float]]:
+    """Train G(z, style_net(batch["condition"]), label) to draw whole cells.
+
+    Each step `sample()` gives B cells: "rows", "labels", "condition" (what the style is read
+    from), "real" (one real image each), and what `loss` needs. G draws `samples_per_cell` images
+    per cell; D (projection on label and style, auxiliary label classifier, images shifted by up
+    to `shift` pixels) judges them, and the cVAE's reconstructions when there is a `posterior`.
+    G's loss: the non-saturating adversarial term with the label term, plus `loss`'s named terms.
+    D's gradient on real images is penalised with `r1_weight` / 2 * |grad|^2 (R1, Mescheder et al.
+    2018), which keeps D from overpowering G (without it, some seeds end with D winning outright).
+    """
+    device = next(generator.parameters()).device
+    g_params = [*generator.parameters(), *(posterior.parameters() if posterior else [])]
+    opt_g = torch.optim.Adam(
+        [{"params": g_params}, {"params": style_net.parameters(), "lr": lr * style_lr}],
+        lr=lr,
+        betas=(beta1, 0.999),
+    )
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+    for module in (generator, discriminator, style_net, *([posterior] if posterior else [])):
+        module.train()
+    keys = ("loss_d", "loss_g", "adv", *loss.terms, *(["r1"] if r1_weight > 0 else []))
+    losses = _LossLog((*keys, "d_label_acc"), steps, log_every)
+    m = samples_per_cell
+    start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress)
+
+    def judge(images, labels, style):
+        images = random_shift(images, shift, rng) if shift else images
+        return discriminator(images, labels, style if judge_style else None)
+
+    for step in range(start + 1, steps + 1):
+        batch = sample()
+        labels = batch["labels"]
+        labels_m = labels.repeat_interleave(m)
+        with autocast(device, bf16):
+            style = style_net(batch["condition"], labels)  # (B, style_dim)
+            style_m = style.repeat_interleave(m, dim=0)
+            z = torch.randn(len(labels_m), generator.nz, generator=rng).to(device)
+            fake = generator(z, style_m, labels_m)  # (B*m, 1, 28, 28)
+            recon = mu = logvar = None
+            fakes, fake_labels, fake_style = fake, labels_m, style_m
+            if posterior is not None:
+                mu, logvar = posterior(batch["real"], labels, style)
+                eps = torch.randn(mu.shape, generator=rng).to(device)
+                recon = generator(mu + eps * (0.5 * logvar).exp(), style, labels)
+                fakes = torch.cat([fake, recon])
+                fake_labels = torch.cat([labels_m, labels])
+                fake_style = torch.cat([style_m, style])
+            real_logit, real_cls = judge(batch["real"], labels, style.detach())
+            fake_logit, _ = judge(fakes.detach(), fake_labels, fake_style.detach())
+            loss_d = bce_d_loss(real_logit.float(), fake_logit.float())
+            loss_d = loss_d + label_weight * F.cross_entropy(real_cls.float(), labels)
+        extra = ()
+        if r1_weight > 0:  # in fp32: a second derivative
+            real = batch["real"].detach().requires_grad_(True)
+            logit, _ = judge(real, labels, style.detach().float())
+            (grad,) = torch.autograd.grad(logit.sum(), real, create_graph=True)
+            r1 = grad.pow(2).sum((1, 2, 3)).mean()
+            loss_d = loss_d + 0.5 * r1_weight * r1
+            extra = (r1,)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        with autocast(device, bf16):
+            fake_logit, fake_cls = judge(fakes, fake_labels, fake_style.detach())
+            adv = bce_g_loss(fake_logit.float())
+            adv = adv + label_weight * F.cross_entropy(fake_cls.float(), fake_labels)
+            terms = loss(fake, batch, m, recon, mu, logvar)
+            loss_g = adv + loss.total(terms)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+
+        with torch.no_grad():
+            acc = (real_cls.argmax(1) == labels).float().mean()
+            losses.add(step, (loss_d, loss_g, adv, *terms.values(), *extra, acc))
+        losses.save(checkpoint, step)
+        if progress is not None:
+            progress.update(1)
+    for module in (generator, discriminator, style_net, *([posterior] if posterior else [])):
+        module.eval()
     return losses.history

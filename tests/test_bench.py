@@ -51,13 +51,19 @@ def test_bench_runs_end_to_end_and_is_reproducible(tmp_path):
     first = _bench(tmp_path, "a")
     assert list(first["rows"]) == [
         "ceiling (real)",
+        "predicted",
         "generic",
         "retrieval",
         "linear",
         "cluster-gan",
     ]
+    md = results_markdown(first)
+    assert md.count("\n| ") == 7 and "ceiling (real)" in md and "| predicted |" in md
+    predicted = first["rows"].pop("predicted")  # a prototype, no images: ranks only
+    assert 0 < predicted["mrr"] <= 1 and len(predicted["ranks"]) == 5 and "fid" not in predicted
     for row in first["rows"].values():
         assert 0 < row["mrr"] <= 1 and len(row["ranks"]) == 5 and np.isfinite(row["fid"])
+        assert row["diversity_ratio"] > 0
         assert 0 <= row["copy_rate"] <= 1 and 0 <= row["label_accuracy"] <= 1
     assert "cluster_share" in first["rows"]["cluster-gan"]
     # Retrieval hands out real training images: every one is a copy.
@@ -73,9 +79,8 @@ def test_bench_runs_end_to_end_and_is_reproducible(tmp_path):
     assert (tmp_path / "a" / "runs" / "cluster-gan" / "model.safetensors").exists()
     second = _bench(tmp_path, "b")  # judge now comes from the cache: same numbers
     assert second["judge"]["cached"] and not first["judge"]["cached"]
+    assert second["rows"].pop("predicted") == predicted
     assert _strip_times(first["rows"]) == _strip_times(second["rows"])
-    md = results_markdown(first)
-    assert md.count("\n| ") == 6 and "ceiling (real)" in md
 
 
 def test_bench_cli_refuses_bad_sets(tiny_npz, tmp_path, capsys):
@@ -114,4 +119,7 @@ def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits, tmp_path
     assert ceiling["mrr"] > 3 * generic["mrr"]
     assert generic["mrr"] < 3 * ceiling["chance_mrr"]
     assert ceiling["label_accuracy"] > 0.9
+    # The writer's other cells predict the hidden one far better than chance.
+    assert rows["predicted"]["mrr"] > 3 * generic["mrr"]
+    assert ceiling["diversity_ratio"] == 1.0 and 0.5 < generic["diversity_ratio"] < 3
     assert len(load_dataset(tmp_path / "real" / "fills" / "generic.npz")) == 60 * 8

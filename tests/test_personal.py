@@ -113,7 +113,7 @@ def test_bench_new_writers(tmp_path, monkeypatch):
         FeatureConfig(epochs=1, width=8, dim=16, batch_size=32),
         {"encoder-gan": {k: v for k, v in TINY_PERSONAL.items() if k != "seed"}},
     )  # fmt: skip
-    assert list(results["rows"]) == ["ceiling (real)", "retrieval", "encoder-gan"]
+    assert list(results["rows"]) == ["ceiling (real)", "predicted", "retrieval", "encoder-gan"]
     assert len(results["hidden_cells"]) == 4
     assert all(len(r["ranks"]) == 4 for r in results["rows"].values())
     left = {h["writer"] for h in results["hidden_cells"]}

@@ -12,12 +12,28 @@ from .base import CONFIG_FILE, Method, fill, read_json
 from .baselines import Generic, Linear, Retrieval
 from .clustergan import ClusterGAN
 from .collagan import CollaGAN
+from .completion import CompletionGAN, PredictedRetrieval
 from .personal import EmbedGAN, EncoderGAN
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (Generic, Retrieval, Linear, ClusterGAN, EmbedGAN, EncoderGAN, CollaGAN)
+    for cls in (
+        Generic,
+        Retrieval,
+        PredictedRetrieval,
+        Linear,
+        ClusterGAN,
+        EmbedGAN,
+        EncoderGAN,
+        CollaGAN,
+        CompletionGAN,
+    )
 }
+
+
+def reference_methods() -> list[str]:
+    """The methods that fill writers they were not trained on, from a few of their images."""
+    return [name for name, cls in METHODS.items() if hasattr(cls, "generate_from_reference")]
 
 
 def method_class(name: str) -> type[Method]:
@@ -46,4 +62,12 @@ def load_run_data(run_dir: str | os.PathLike, method: Method, data: str | None =
     return load_dataset(data or saved.get("path"), saved.get("label_set", inferred))
 
 
-__all__ = ["METHODS", "Method", "fill", "load_run", "load_run_data", "method_class"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "fill",
+    "load_run",
+    "load_run_data",
+    "method_class",
+    "reference_methods",
+]

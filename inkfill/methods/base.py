@@ -345,9 +345,11 @@ def fill_new_writers(
     """
     method.check_fitted()
     if not hasattr(method, "generate_from_reference"):
+        from . import reference_methods
+
         raise InkfillError(
             f"method {method.name} cannot fill writers it was not trained on; "
-            "fit one that reads a writer's images (encoder-gan, collagan, retrieval)"
+            f"fit one that reads a writer's images ({', '.join(reference_methods())})"
         )
     info = method.matrix_
     known = set(info.label_ids.tolist())

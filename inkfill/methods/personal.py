@@ -198,29 +198,7 @@ class _PersonalGAN(Method):
         return None
 
     def _train_classifier(self, matrix: WriterMatrix, progress: bool) -> FeatureNet:
-        """A label+writer classifier on the training images (the seed's A2 network, "trained for
-        domain classification", with a writer head): its embedding is the space of the feature
-        loss, and, with encoder="classifier", of the style code. Frozen after training."""
-        net = FeatureNet(matrix.n_labels, matrix.n_writers, width=16, dim=128).to(self.device_)
-        x = to_model(matrix.data.images, self.device_)
-        cols = torch.as_tensor(matrix.cols, device=self.device_)
-        rows = torch.as_tensor(matrix.rows, device=self.device_)
-        rng = torch.Generator().manual_seed(cell_seed(self.seed, "classifier", self.name))
-        steps = self.classifier_epochs * max(1, len(x) // 128)
-        if self._finished("classifier", {"net": net}) is None:
-            # Its dropout draws from the global stream: fork it, so that what follows starts
-            # from the same state whether the classifier was trained now or loaded on resume.
-            with (
-                torch.random.fork_rng(devices=[]),
-                tqdm(total=steps, desc=f"{self.name} classifier", disable=not progress) as bar,
-            ):
-                history = train_feature_net(
-                    net, x, cols, rows, epochs=self.classifier_epochs, rng=rng, progress=bar
-                )
-            self._finish("classifier", {"net": net}, history)
-        for p in net.parameters():
-            p.requires_grad_(False)
-        return net.eval()
+        return train_classifier(self, matrix, progress)
 
     def _generate(self, writer, label, n, rng):
         style = self.styles_[self.matrix_.row(writer)][None]
@@ -278,6 +256,41 @@ class _PersonalGAN(Method):
             )
             module.eval()
         self.styles_ = tensors["styles"]
+
+
+def train_classifier(method: Method, matrix: WriterMatrix, progress: bool) -> FeatureNet:
+    """A label+writer classifier on the training images (the seed's A2 network, "trained for
+    domain classification", with a writer head): its embedding is the space of the feature
+    loss, and, with encoder="classifier", of the style code. Frozen after training; a finished
+    stage of an interrupted fit is loaded instead of trained."""
+    net = FeatureNet(matrix.n_labels, matrix.n_writers, width=16, dim=128).to(method.device_)
+    x = to_model(matrix.data.images, method.device_)
+    cols = torch.as_tensor(matrix.cols, device=method.device_)
+    rows = torch.as_tensor(matrix.rows, device=method.device_)
+    rng = torch.Generator().manual_seed(cell_seed(method.seed, "classifier", method.name))
+    steps = method.classifier_epochs * max(1, len(x) // 128)
+    if method._finished("classifier", {"net": net}) is None:
+        # Its dropout draws from the global stream: fork it, so that what follows starts
+        # from the same state whether the classifier was trained now or loaded on resume.
+        with (
+            torch.random.fork_rng(devices=[]),
+            tqdm(total=steps, desc=f"{method.name} classifier", disable=not progress) as bar,
+        ):
+            history = train_feature_net(
+                net, x, cols, rows, epochs=method.classifier_epochs, rng=rng, progress=bar
+            )
+        method._finish("classifier", {"net": net}, history)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+@torch.no_grad()
+def embed_images(net: FeatureNet, images: np.ndarray, device, chunk: int = 2048) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, dim) float32 embeddings of a frozen FeatureNet."""
+    x = to_model(images, device)
+    parts = [net(x[s : s + chunk]).float() for s in range(0, len(x), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, net.label_head.in_features, device=device)
 
 
 def _bounded(style: torch.Tensor) -> torch.Tensor:

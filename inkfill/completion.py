@@ -1,0 +1,153 @@
+"""The writers x labels matrix completed in an embedding space, the seed's section 5.1
+(A(i, x) = <U(i), V(x)>): each observed cell is summed up by its prototype (the mean embedding of
+its images), and a ridge regression per label, fitted across writers, predicts a cell's prototype
+from the same writer's prototypes of the other labels. numpy and scikit-learn only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.linear_model import RidgeCV
+
+ALPHAS = np.logspace(-2, 4, 13)
+
+
+def cell_prototypes(
+    embeddings: np.ndarray, rows: np.ndarray, cols: np.ndarray, n_writers: int, n_labels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean embedding of each (writer, label) cell: (n_writers, n_labels, d) with NaN where a cell
+    has no image, and the image counts (n_writers, n_labels)."""
+    d = embeddings.shape[1]
+    cell = np.asarray(rows, np.int64) * n_labels + np.asarray(cols, np.int64)
+    sums = np.zeros((n_writers * n_labels, d), np.float64)
+    np.add.at(sums, cell, embeddings.astype(np.float64))
+    counts = np.bincount(cell, minlength=n_writers * n_labels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        protos = sums / counts[:, None]
+    return protos.reshape(n_writers, n_labels, d).astype(np.float32), counts.reshape(
+        n_writers, n_labels
+    )
+
+
+class PrototypeRegression:
+    """Predicts a cell's prototype from its writer's other cells, one ridge regression per label.
+
+    Prototypes are first projected on `n_components` principal components (fitted on the observed
+    prototypes) so that the regressions stay small with many labels. A writer's row is the
+    concatenation of their centred codes of every label but the target (zeros where a cell is
+    empty) and which labels they have; the ridge strength is chosen by efficient leave-one-out
+    (RidgeCV) per label. fit() takes the (n_writers, n_labels, d) prototypes with NaN for empty
+    cells; predict() returns codes (in the PCA space) and embed() maps them back.
+    """
+
+    def __init__(self, n_components: int = 32, alphas=ALPHAS, seed: int = 0):
+        self.n_components, self.alphas, self.seed = n_components, alphas, seed
+
+    # -- the code space ----------------------------------------------------------------------
+
+    def _fit_space(self, protos: np.ndarray) -> None:
+        observed = ~np.isnan(protos[..., 0])
+        flat = protos[observed]
+        k = int(min(self.n_components, len(flat), flat.shape[1]))
+        pca = PCA(k, random_state=self.seed).fit(flat)
+        self.mean_ = pca.mean_.astype(np.float32)
+        self.components_ = pca.components_.astype(np.float32)  # (k, d)
+        codes = self.codes(protos)
+        self.label_means_ = np.stack(
+            [
+                codes[observed[:, j], j].mean(0) if observed[:, j].any() else np.zeros(k)
+                for j in range(protos.shape[1])
+            ]
+        ).astype(np.float32)
+
+    def codes(self, protos: np.ndarray) -> np.ndarray:
+        """(..., d) prototypes -> (..., k) codes; NaN stays NaN."""
+        shape = protos.shape[:-1]
+        flat = protos.reshape(-1, protos.shape[-1])
+        ok = ~np.isnan(flat[:, 0])
+        out = np.full((len(flat), len(self.components_)), np.nan, np.float32)
+        out[ok] = (flat[ok] - self.mean_) @ self.components_.T
+        return out.reshape(*shape, -1)
+
+    def embed(self, codes: np.ndarray) -> np.ndarray:
+        """(..., k) codes -> (..., d) prototypes."""
+        shape = codes.shape[:-1]
+        flat = codes.reshape(-1, codes.shape[-1]) @ self.components_ + self.mean_
+        return flat.reshape(*shape, -1).astype(np.float32)
+
+    # -- the regressions ---------------------------------------------------------------------
+
+    def _design(self, codes: np.ndarray, label: int) -> np.ndarray:
+        """(n, n_labels, k) codes with NaN where empty -> (n, n_labels * (k + 1)) rows."""
+        centred = codes - self.label_means_[None]
+        has = ~np.isnan(centred[..., 0])
+        has[:, label] = False  # never the target itself
+        centred = np.where(has[..., None], centred, 0.0)
+        return np.concatenate([centred.reshape(len(codes), -1), has.astype(np.float32)], 1)
+
+    def fit(self, protos: np.ndarray) -> PrototypeRegression:
+        self._fit_space(protos)
+        self._fit_regressions(self.codes(protos))
+        return self
+
+    def _fit_regressions(self, codes: np.ndarray) -> None:
+        n_labels = codes.shape[1]
+        observed = ~np.isnan(codes[..., 0])
+        self.coef_ = np.zeros((n_labels, n_labels * (codes.shape[2] + 1), codes.shape[2]))
+        self.intercept_ = np.zeros((n_labels, codes.shape[2]))
+        self.alpha_ = np.full(n_labels, np.nan)
+        for j in range(n_labels):
+            # Writers who have the label and at least one other to predict it from.
+            mine = observed[:, j] & (observed.sum(1) >= 2)
+            if mine.sum() < 3:
+                self.intercept_[j] = self.label_means_[j]
+                continue
+            x = self._design(codes[mine], j)
+            y = codes[mine, j]
+            ridge = RidgeCV(alphas=self.alphas).fit(x, y)
+            self.coef_[j], self.intercept_[j], self.alpha_[j] = (
+                ridge.coef_.T,
+                ridge.intercept_,
+                ridge.alpha_,
+            )
+        self.coef_ = self.coef_.astype(np.float32)
+        self.intercept_ = self.intercept_.astype(np.float32)
+
+    def predict(self, codes: np.ndarray, label: int) -> np.ndarray:
+        """Codes (n, k) of label `label` for n writers given their codes (n, n_labels, k)."""
+        return self._design(codes, label) @ self.coef_[label] + self.intercept_[label]
+
+    def predict_all(self, codes: np.ndarray) -> np.ndarray:
+        """Every cell's code predicted from the writer's other cells: (n, n_labels, k)."""
+        return np.stack([self.predict(codes, j) for j in range(codes.shape[1])], 1)
+
+    def out_of_fold(self, protos: np.ndarray, n_folds: int = 5) -> np.ndarray:
+        """predict_all for every writer from regressions fitted without that writer (writers in
+        `n_folds` folds, in the space of the whole fit): what training conditions on, so that it
+        sees predictions as poor as those it will be asked to render."""
+        codes = self.codes(protos)
+        out = np.empty_like(codes)
+        folds = np.random.default_rng(self.seed).permutation(len(codes)) % n_folds
+        saved = self.coef_, self.intercept_, self.alpha_
+        try:
+            for f in range(n_folds):
+                train = np.where((folds != f)[:, None, None], codes, np.nan)
+                self._fit_regressions(train)
+                out[folds == f] = self.predict_all(codes[folds == f])
+        finally:
+            self.coef_, self.intercept_, self.alpha_ = saved
+        return out
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, np.ndarray]:
+        names = ("mean_", "components_", "label_means_", "coef_", "intercept_")
+        return {name.rstrip("_"): getattr(self, name) for name in names}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> PrototypeRegression:
+        self = cls(n_components=len(state["components"]))
+        for name in ("mean", "components", "label_means", "coef", "intercept"):
+            setattr(self, name + "_", np.asarray(state[name], np.float32))
+        return self

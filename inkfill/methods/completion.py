@@ -1,0 +1,307 @@
+"""Complete the writers x labels matrix in a style space, then render (the seed's section 5.1).
+
+Both methods here share one style space: a label+writer classifier trained on the training images
+(personal.train_classifier), each observed cell summed up by its prototype (mean embedding), and a
+ridge regression per label that predicts a cell's prototype from the writer's other cells
+(completion.PrototypeRegression).
+
+- predicted-retrieval: the real images of the label, of other writers, nearest the predicted
+  prototype. A reference a generator must beat with new images.
+- completion-gan: a generator G(z, style(predicted code, label), label) trained on the task it is
+  tested on: a training cell is drawn from its prototype as predicted *without* it (out-of-fold
+  regressions) or from its real prototype, and the m draws are compared with the real cell: mean
+  embedding (feature loss), rank among the label's writers (InfoNCE), spread (pixel distance
+  between draws, against the real cell's), plus the cVAE and adversarial terms
+  (train.train_cell_gan, train.CellLoss).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import metrics
+from ..completion import PrototypeRegression, cell_prototypes
+from ..config import CompletionGANConfig, InkfillError, PredictedRetrievalConfig
+from ..data import WriterMatrix
+from ..models import (
+    CodeStyle,
+    FeatureNet,
+    PersonalDiscriminator,
+    PersonalGenerator,
+    PosteriorEncoder,
+)
+from ..train import CellLoss, train_cell_gan
+from .base import Method, cell_generator, cell_seed, save_generator_figures
+from .personal import _CellSampler, embed_images, train_classifier
+
+log = logging.getLogger(__name__)
+
+
+class _StyleSpace(Method):
+    """The shared part: classifier, prototypes, regressions, each cell's predicted code."""
+
+    def _fit_space(self, matrix: WriterMatrix, progress: bool) -> None:
+        self.classifier_ = train_classifier(self, matrix, progress)
+        emb = embed_images(self.classifier_, matrix.data.images, self.device_).cpu().numpy()
+        protos, _ = cell_prototypes(
+            emb, matrix.rows, matrix.cols, matrix.n_writers, matrix.n_labels
+        )
+        self.regression_ = PrototypeRegression(self.n_components, seed=self.seed).fit(protos)
+        self.codes_ = self.regression_.codes(protos)  # (W, L, k), NaN where empty
+        self.predicted_ = self.regression_.predict_all(self.codes_)  # (W, L, k)
+        self.embeddings_, self.protos_ = emb, protos
+
+    def _reference_codes(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The (1, n_labels, k) code row of a writer known only from `images` with `labels`."""
+        cols = np.asarray([self.matrix_.col(int(v)) for v in labels])
+        emb = embed_images(self.classifier_, images, self.device_).cpu().numpy()
+        protos, _ = cell_prototypes(
+            emb, np.zeros(len(cols), int), cols, 1, len(self.matrix_.label_ids)
+        )
+        return self.regression_.codes(protos)
+
+    def _space_state(self) -> dict[str, torch.Tensor]:
+        tensors = {f"classifier.{k}": v for k, v in self.classifier_.state_dict().items()}
+        tensors.update(
+            {f"regression.{k}": torch.from_numpy(v) for k, v in self.regression_.state().items()}
+        )
+        tensors["predicted"] = torch.from_numpy(np.ascontiguousarray(self.predicted_, np.float32))
+        return tensors
+
+    def _set_space(self, tensors: dict[str, torch.Tensor]) -> None:
+        n_labels, n_writers = len(self.matrix_.label_ids), len(self.matrix_.writer_ids)
+        self.classifier_ = FeatureNet(n_labels, n_writers, width=16, dim=128)
+        self.classifier_.load_state_dict(
+            {k[11:]: v for k, v in tensors.items() if k.startswith("classifier.")}
+        )
+        self.classifier_.eval()
+        self.regression_ = PrototypeRegression.from_state(
+            {k[11:]: v.numpy() for k, v in tensors.items() if k.startswith("regression.")}
+        )
+        self.predicted_ = tensors["predicted"].numpy()
+
+
+class PredictedRetrieval(_StyleSpace):
+    """Real images of label j, of writers other than i, nearest (in the classifier's embedding)
+    the prototype of (i, j) predicted from i's other cells."""
+
+    name = "predicted-retrieval"
+    Config = PredictedRetrievalConfig
+
+    def _fit(self, matrix, progress):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._fit_space(matrix, progress)
+        self.rows_ = matrix.rows.astype(np.int64)
+        self.cols_ = matrix.cols.astype(np.int64)
+        self.images_ = matrix.data.images
+        del self.protos_
+
+    def _nearest(self, proto: np.ndarray, col: int, n: int, row: int = -1) -> np.ndarray:
+        pool = np.flatnonzero((self.cols_ == col) & (self.rows_ != row))
+        d = ((self.embeddings_[pool] - proto) ** 2).sum(1)
+        order = pool[np.argsort(d, kind="stable")]
+        return self.images_[order[np.arange(n) % len(order)]]
+
+    def _generate(self, writer, label, n, rng):
+        row, col = self.matrix_.row(writer), self.matrix_.col(label)
+        proto = self.regression_.embed(self.predicted_[row, col])
+        return self._nearest(proto, col, n, row)
+
+    def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
+        self.check_fitted()
+        col = self.matrix_.col(label)
+        codes = self._reference_codes(images, labels)
+        proto = self.regression_.embed(self.regression_.predict(codes, col)[0])
+        return self._nearest(proto, col, n)
+
+    def _modules(self):
+        return [self.classifier_]
+
+    def _state(self):
+        tensors = self._space_state()
+        tensors.update(
+            embeddings=torch.from_numpy(self.embeddings_),
+            images=torch.from_numpy(np.ascontiguousarray(self.images_)),
+            rows=torch.from_numpy(self.rows_),
+            cols=torch.from_numpy(self.cols_),
+        )
+        return tensors, {}
+
+    def _set_state(self, tensors, config):
+        self._set_space(tensors)
+        self.embeddings_ = tensors["embeddings"].numpy()
+        self.images_ = tensors["images"].numpy()
+        self.rows_, self.cols_ = tensors["rows"].numpy(), tensors["cols"].numpy()
+
+
+class CompletionGAN(_StyleSpace):
+    """A generator trained to draw a cell from its prototype as predicted from the writer's other
+    cells, matched against the real cell in mean, rank among writers and spread."""
+
+    name = "completion-gan"
+    Config = CompletionGANConfig
+
+    def _fit(self, matrix, progress):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            rng = torch.Generator().manual_seed(cell_seed(self.seed, "train", self.name))
+            self._fit_space(matrix, progress)
+            dev = self.device_
+            codes = self.codes_
+            oof = self.regression_.out_of_fold(self.protos_)
+            # Codes enter the style network centred on their label and on a unit scale.
+            self.code_scale_ = float(np.nanstd(codes - self.regression_.label_means_[None]))
+            emb = torch.from_numpy(self.embeddings_).to(dev)
+            sampler = _CellSampler(matrix, dev, self.batch_cells, 1, rng, emb)
+            if not len(sampler):
+                raise InkfillError(f"{self.name}: no writer has two labels to learn a style from")
+            spread = _cell_spreads(matrix)
+            tables = {
+                "real_code": torch.from_numpy(np.nan_to_num(self._scaled(codes))).to(dev),
+                "oof_code": torch.from_numpy(self._scaled(oof)).to(dev),
+                "spread": torch.from_numpy(spread).to(dev),
+            }
+            protos = torch.from_numpy(np.nan_to_num(self.protos_)).to(dev).transpose(0, 1)
+            valid = torch.from_numpy(~np.isnan(self.protos_[..., 0])).to(dev).transpose(0, 1)
+
+            def sample():
+                batch = sampler()
+                rows, cols = batch["rows"], batch["labels"]
+                use_oof = torch.rand(len(rows), generator=rng).to(dev) < self.predicted_share
+                batch["condition"] = torch.where(
+                    use_oof[:, None],
+                    tables["oof_code"][rows, cols],
+                    tables["real_code"][rows, cols],
+                )
+                batch["spread"] = tables["spread"][rows, cols]
+                return batch
+
+            n_labels = matrix.n_labels
+            k = codes.shape[-1]
+            self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf).to(dev)
+            self.style_ = CodeStyle(k, n_labels, self.style_dim).to(dev)
+            disc = PersonalDiscriminator(n_labels, self.style_dim, self.ndf).to(dev)
+            posterior = None
+            if self.recon_weight > 0:
+                posterior = PosteriorEncoder(n_labels, self.style_dim, self.nz, self.ndf).to(dev)
+            loss = CellLoss(
+                self.classifier_, protos, valid,
+                feature_weight=self.feature_weight, nce_weight=self.nce_weight,
+                nce_temperature=self.nce_temperature, spread_weight=self.spread_weight,
+                recon_weight=self.recon_weight,
+                kl_weight=self.kl_weight if posterior is not None else 0.0,
+            )  # fmt: skip
+            modules = {"generator": self.generator_, "style": self.style_, "discriminator": disc}
+            if posterior is not None:
+                modules["posterior"] = posterior
+            done = self._finished(self.name, modules)
+            if done is None:
+                with tqdm(total=self.steps, desc=self.name, disable=not progress) as bar:
+                    done = train_cell_gan(
+                        self.generator_, disc, self.style_, sample, loss,
+                        steps=self.steps, samples_per_cell=self.samples_per_cell, lr=self.lr,
+                        style_lr=self.style_lr, beta1=self.beta1, label_weight=self.label_weight,
+                        r1_weight=self.r1_weight,
+                        judge_style=self.judge_style, shift=self.shift, rng=rng,
+                        posterior=posterior, bf16=self.bf16, progress=bar,
+                        checkpoint=self._loop(self.name, modules),
+                    )  # fmt: skip
+                self._finish(self.name, modules, done)
+            self.history_ = {self.name: done}
+        self.style_.eval()
+        del self.embeddings_, self.protos_
+
+    def _scaled(self, codes: np.ndarray) -> np.ndarray:
+        centred = codes - self.regression_.label_means_[None]
+        return (centred / self.code_scale_).astype(np.float32)
+
+    def save_figures(self, matrix, out_dir, level, metrics):
+        save_generator_figures(self, matrix, out_dir)
+
+    @torch.no_grad()
+    def _styles(self, codes: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        """Style codes (N, style_dim) of N predicted codes (N, k) of labels `cols`."""
+        centred = codes - self.regression_.label_means_[cols]
+        x = torch.from_numpy((centred / self.code_scale_).astype(np.float32)).to(self.device_)
+        return self.style_(x, torch.as_tensor(cols, device=self.device_)).float()
+
+    def _generate(self, writer, label, n, rng):
+        return self._generate_cells([(writer, label)], n, 0, [rng])[0]
+
+    def _generate_cells(self, cells, n, seed, rngs=None):
+        rngs = rngs or [cell_generator(seed, w, lab) for w, lab in cells]
+        z = torch.cat([torch.randn(n, self.nz, generator=g) for g in rngs])
+        rows = np.asarray([self.matrix_.row(w) for w, _ in cells], np.int64)
+        cols = np.asarray([self.matrix_.col(lab) for _, lab in cells], np.int64)
+        style = self._styles(self.predicted_[rows, cols], cols).repeat_interleave(n, dim=0)
+        images = self._draw(self.truncation * z, style, torch.as_tensor(cols).repeat_interleave(n))
+        return list(images.reshape(len(cells), n, 28, 28))
+
+    def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
+        """n images of `label` in the style of a writer known only from `images` (any labels)."""
+        self.check_fitted()
+        col = self.matrix_.col(label)
+        code = self.regression_.predict(self._reference_codes(images, labels), col)
+        style = self._styles(code, np.asarray([col])).expand(n, -1)
+        z = torch.randn(
+            n, self.nz, generator=torch.Generator().manual_seed(cell_seed(seed, name, label))
+        )
+        return self._draw(self.truncation * z, style, torch.full((n,), col))
+
+    def _draw(self, z, style, cols, chunk: int = 4096) -> np.ndarray:
+        from ..data import to_images
+
+        dev, out = self.device_, []
+        with self._inference():
+            for s in range(0, len(z), chunk):
+                part = slice(s, s + chunk)
+                out.append(
+                    to_images(
+                        self.generator_(z[part].to(dev), style[part].to(dev), cols[part].to(dev))
+                    )
+                )
+        return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
+
+    def _modules(self):
+        return [self.generator_, self.classifier_, self.style_]
+
+    def _state(self):
+        tensors = self._space_state()
+        for name, module in (("generator", self.generator_), ("style", self.style_)):
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        return tensors, {"code_scale": self.code_scale_}
+
+    def _set_state(self, tensors, config):
+        self._set_space(tensors)
+        n_labels = len(self.matrix_.label_ids)
+        k = tensors["regression.components"].shape[0]
+        self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf)
+        self.style_ = CodeStyle(k, n_labels, self.style_dim)
+        for name, module in (("generator", self.generator_), ("style", self.style_)):
+            prefix = f"{name}."
+            module.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
+            module.eval()
+        self.code_scale_ = float(config["code_scale"])
+
+
+def _cell_spreads(matrix: WriterMatrix) -> np.ndarray:
+    """(n_writers, n_labels) mean pairwise pixel distance of each cell's real images (the bench's
+    diversity); cells with fewer than two images take the median of their label's cells."""
+    out = np.full((matrix.n_writers, matrix.n_labels), np.nan, np.float32)
+    rows, cols, members = matrix.cell_table()
+    for r, c, idx in zip(rows, cols, members):
+        idx = idx[idx >= 0]
+        if len(idx) >= 2:
+            out[r, c] = metrics.mean_pairwise_distance(matrix.data.images[idx], max_images=32)
+    for c in range(matrix.n_labels):
+        col = out[:, c]
+        fallback = np.nanmedian(col) if np.isfinite(col).any() else np.nanmedian(out)
+        col[np.isnan(col)] = fallback
+    return out

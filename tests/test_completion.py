@@ -1,0 +1,195 @@
+"""The style-space completion (prototypes, per-label ridge regressions) and the two methods built
+on it, predicted-retrieval and completion-gan, on tiny synthetic data (contract, not quality)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_dataset
+
+from inkfill.completion import PrototypeRegression, cell_prototypes
+from inkfill.config import InkfillError
+from inkfill.data import WriterMatrix
+from inkfill.methods import load_run
+from inkfill.methods.completion import CompletionGAN, PredictedRetrieval
+from inkfill.train import CellLoss
+
+TINY = dict(style_dim=8, nz=4, ngf=8, ndf=8, steps=6, batch_cells=4, classifier_epochs=1, seed=2)
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return WriterMatrix(make_dataset(n_writers=10, seed=4))
+
+
+@pytest.fixture(scope="module")
+def fitted(matrix):
+    return CompletionGAN(**TINY).fit(matrix)
+
+
+def test_cell_prototypes_are_cell_means():
+    emb = np.arange(12, dtype=np.float32).reshape(6, 2)
+    rows, cols = np.array([0, 0, 1, 1, 1, 0]), np.array([0, 0, 1, 1, 0, 1])
+    protos, counts = cell_prototypes(emb, rows, cols, n_writers=3, n_labels=2)
+    np.testing.assert_allclose(protos[0, 0], emb[[0, 1]].mean(0))
+    np.testing.assert_allclose(protos[1, 1], emb[[2, 3]].mean(0))
+    assert counts.tolist() == [[2, 1], [1, 2], [0, 0]] and np.isnan(protos[2]).all()
+
+
+def _low_rank_protos(n_writers=300, n_labels=5, d=12, rank=3, seed=0, p_empty=0.2):
+    """Prototypes that are linear in a per-writer latent: each cell predictable from the others."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=(n_writers, rank))
+    v = rng.normal(size=(n_labels, rank, d))
+    protos = np.einsum("wr,lrd->wld", u, v) + rng.normal(0, 0.05, (n_writers, n_labels, d))
+    protos[rng.random((n_writers, n_labels)) < p_empty] = np.nan
+    return protos.astype(np.float32), u
+
+
+def test_regression_predicts_a_cell_from_the_writers_other_cells():
+    protos, _ = _low_rank_protos()
+    hidden = protos[:, 2].copy()
+    keep = ~np.isnan(hidden[:, 0])
+    protos[:40, 2] = np.nan  # these writers' label-2 cells are hidden from the fit
+    reg = PrototypeRegression(n_components=12).fit(protos)
+    pred = reg.embed(reg.predict(reg.codes(protos[:40]), 2))
+    err = ((pred - hidden[:40]) ** 2).sum(1)[keep[:40]].mean()
+    baseline = ((np.nanmean(protos[:, 2], 0) - hidden[:40]) ** 2).sum(1)[keep[:40]].mean()
+    assert err < 0.1 * baseline
+
+
+def test_out_of_fold_predictions_never_see_the_writer():
+    protos, _ = _low_rank_protos(n_writers=60)
+    reg = PrototypeRegression(n_components=8).fit(protos)
+    a = reg.out_of_fold(protos, n_folds=3)
+    changed = protos.copy()
+    changed[7, 1] = changed[7, 1] + 100.0  # writer 7's own label-1 cell
+    b = PrototypeRegression(n_components=8).fit(protos).out_of_fold(changed, n_folds=3)
+    # Writer 7's prediction of label 1 ignores its own label-1 cell.
+    np.testing.assert_allclose(a[7, 1], b[7, 1], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(a[7, 0], b[7, 0])  # other labels do read it
+
+
+def test_regression_state_round_trips():
+    protos, _ = _low_rank_protos(n_writers=40)
+    reg = PrototypeRegression(n_components=6).fit(protos)
+    again = PrototypeRegression.from_state(reg.state())
+    codes = reg.codes(protos)
+    np.testing.assert_allclose(again.codes(protos), codes, atol=1e-5)
+    np.testing.assert_allclose(again.predict_all(codes), reg.predict_all(codes), atol=1e-5)
+
+
+def test_completion_gan_contract(fitted, matrix, tmp_path):
+    writer, label = matrix.empty_cells()[0]
+    a = fitted.generate(writer, label, 6, seed=1)
+    assert a.shape == (6, 28, 28) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, fitted.generate(writer, label, 6, seed=1))
+    assert not np.array_equal(a, fitted.generate(writer, label, 6, seed=2))
+    cells = matrix.empty_cells()[:4]
+    for one, batched in zip(cells, fitted.generate_cells(cells, 3, seed=5)):
+        np.testing.assert_array_equal(batched, fitted.generate(*one, 3, seed=5))
+    fitted.save(tmp_path / "run")
+    np.testing.assert_array_equal(load_run(tmp_path / "run").generate(writer, label, 6, seed=1), a)
+    history = fitted.history_["completion-gan"]
+    assert history["step"][-1] == TINY["steps"]
+    for term in ("adv", "features", "nce", "spread", "recon", "kl", "r1"):  # logged by name
+        assert np.isfinite(history[term]).all(), term
+
+
+def test_zero_weight_terms_are_not_computed_or_logged(matrix):
+    m = CompletionGAN(**{**TINY, "nce_weight": 0.0, "recon_weight": 0.0, "r1_weight": 0.0})
+    history = m.fit(matrix).history_["completion-gan"]
+    assert "nce" not in history and "recon" not in history and "kl" not in history
+    assert "r1" not in history
+    assert "spread" in history and "features" in history
+
+
+def test_completion_gan_fills_new_writers_from_reference(fitted, matrix):
+    idx = np.flatnonzero(matrix.rows == 0)
+    images, labels = matrix.data.images[idx], matrix.data.labels[idx]
+    a = fitted.generate_from_reference(images, labels, 3, 5, seed=1, name="x")
+    assert a.shape == (5, 28, 28)
+    np.testing.assert_array_equal(a, fitted.generate_from_reference(images, labels, 3, 5, 1, "x"))
+
+
+def test_bad_hyperparameters_are_refused():
+    for bad in ({"samples_per_cell": 1}, {"predicted_share": 1.5}, {"nce_weight": -1.0}):
+        with pytest.raises(InkfillError):
+            _ = CompletionGAN(**bad).config
+
+
+def test_predicted_retrieval_hands_out_other_writers_images_nearest_the_prediction(
+    matrix, tmp_path
+):
+    m = PredictedRetrieval(classifier_epochs=1, n_components=4).fit(matrix)
+    writer, label = matrix.empty_cells()[0]
+    out = m.generate(writer, label, 3)
+    col, row = matrix.col(label), matrix.row(writer)
+    pool = np.flatnonzero((matrix.cols == col) & (matrix.rows != row))
+    images = matrix.data.images[pool].reshape(len(pool), -1)
+    for img in out:  # each is a real image of the label from another writer
+        assert (images == img.reshape(-1)).all(1).any()
+    # ... and the first is the one nearest the predicted prototype.
+    proto = m.regression_.embed(m.predicted_[row, col])
+    nearest = pool[np.argmin(((m.embeddings_[pool] - proto) ** 2).sum(1))]
+    np.testing.assert_array_equal(out[0], matrix.data.images[nearest])
+    m.save(tmp_path / "pr")
+    np.testing.assert_array_equal(load_run(tmp_path / "pr").generate(writer, label, 3), out)
+
+
+def test_cell_loss_ranks_the_true_writer_and_matches_spread():
+    # Identity features on 4-pixel "images": prototypes of 3 writers for 1 label.
+    protos = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]])  # (L=1, W=3, d=4)
+
+    class Flat(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :4]
+
+    loss = CellLoss(
+        Flat(), protos, torch.ones(1, 3, dtype=torch.bool), feature_weight=1.0, nce_weight=1.0,
+        nce_temperature=0.1, spread_weight=1.0, recon_weight=0.0, kl_weight=0.0,
+    )  # fmt: skip
+    assert loss.terms == ("features", "nce", "spread")
+    batch = {
+        "rows": torch.tensor([1]),
+        "labels": torch.tensor([0]),
+        "mean_features": protos[0, [1]],
+    }
+
+    def draws(centre, spread):
+        x = torch.full((2, 1, 28, 28), -1.0)
+        x.view(2, -1)[:, :4] = centre
+        x.view(2, -1)[0, 10] += spread  # two draws differing in one pixel
+        return x
+
+    right, wrong = draws(protos[0, 1], 0.0), draws(protos[0, 2], 0.0)
+    batch["spread"] = torch.tensor([0.5])
+    good, bad = loss(right, batch, 2), loss(wrong, batch, 2)
+    assert good["nce"] < bad["nce"] and good["features"] < 1e-6 < bad["features"]
+    # A pair 0.5 apart in [0, 1] ink (1.0 in model units) matches the real cell's spread 0.5.
+    assert loss(draws(protos[0, 1], 1.0), batch, 2)["spread"] < 0.01 < good["spread"]
+
+
+def test_completion_gan_on_62_labels_fills_letters():
+    letters = WriterMatrix(make_dataset(n_writers=6, labels=tuple(range(62)), seed=7))
+    m = CompletionGAN(**{**TINY, "n_components": 4}).fit(letters)
+    cells = [(w, c) for w, c in letters.empty_cells() if c >= 10][:3]
+    assert cells, "the synthetic data should leave some letter cells empty"
+    for images in m.generate_cells(cells, 2, seed=0):
+        assert images.shape == (2, 28, 28)
+
+
+@pytest.mark.slow
+def test_completion_gan_cli_on_real_digits(real_digits, tmp_path):
+    """A short fit on the real FEMNIST digits through the CLI, then fill every empty cell."""
+    from inkfill.cli import main
+    from inkfill.data import load_dataset
+
+    run, out = tmp_path / "run", tmp_path / "filled.npz"
+    argv = ["fit", "--data", str(real_digits), "--method", "completion-gan", "--out", str(run),
+            "--steps", "30", "--classifier-epochs", "1", "--figures", "none", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["fill", "--run", str(run), "--missing", "--per-cell", "2", "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    filled = load_dataset(out)
+    assert len(filled) == 2 * len(load_run(run).matrix_.empty_cells())
+    assert filled.images.max() > 0
