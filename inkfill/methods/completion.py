@@ -17,8 +17,6 @@ ridge regression per label that predicts a cell's prototype from the writer's ot
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -36,9 +34,7 @@ from ..models import (
 )
 from ..train import CellLoss, train_cell_gan
 from .base import Method, cell_generator, cell_seed, save_generator_figures
-from .personal import _CellSampler, embed_images, train_classifier
-
-log = logging.getLogger(__name__)
+from .personal import _CellSampler, _PersonalGAN, embed_images, train_classifier
 
 
 class _StyleSpace(Method):
@@ -253,19 +249,8 @@ class CompletionGAN(_StyleSpace):
         )
         return self._draw(self.truncation * z, style, torch.full((n,), col))
 
-    def _draw(self, z, style, cols, chunk: int = 4096) -> np.ndarray:
-        from ..data import to_images
-
-        dev, out = self.device_, []
-        with self._inference():
-            for s in range(0, len(z), chunk):
-                part = slice(s, s + chunk)
-                out.append(
-                    to_images(
-                        self.generator_(z[part].to(dev), style[part].to(dev), cols[part].to(dev))
-                    )
-                )
-        return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
+    # G(z, style, label) in chunks under the inference context: the same as embed-gan's.
+    _draw = _PersonalGAN._draw
 
     def _modules(self):
         return [self.generator_, self.classifier_, self.style_]
