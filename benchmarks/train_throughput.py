@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inkfill import train as train_module  # noqa: E402
 from inkfill.data import load_dataset, to_model  # noqa: E402
 from inkfill.methods import collagan as collagan_module  # noqa: E402
+from inkfill.methods import completion as completion_module  # noqa: E402
 from inkfill.methods import method_class  # noqa: E402
 from inkfill.methods import personal as personal_module  # noqa: E402
 from inkfill.models import Discriminator, Generator  # noqa: E402
@@ -153,6 +154,7 @@ def method_rows(matrix, args):
     specs = [
         ("embed-gan", personal_module, "train_personal_gan"),
         ("encoder-gan", personal_module, "train_personal_gan"),
+        ("completion-gan", completion_module, "train_personal_gan"),
         ("collagan", collagan_module, "train_collagan"),
     ]
     for name, module, fn_name in specs:
@@ -161,7 +163,7 @@ def method_rows(matrix, args):
             measured = {}
 
             def wrapper(*a, original=original, measured=measured, fn_name=fn_name, **kw):
-                sample = a[3] if fn_name == "train_personal_gan" else a[2]
+                sample = a[4] if fn_name == "train_personal_gan" else a[2]
                 kw_run = dict(kw)
                 history = None
 

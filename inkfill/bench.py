@@ -191,12 +191,15 @@ class Scorer:
     def predicted(self) -> np.ndarray:
         """Each hidden cell's prototype in the judge's space, predicted from its writer's other
         cells (reference halves; for a new writer, their few reference images) by a regression
-        fitted across the reduced data's writers."""
+        fitted across the reduced data's writers (for new writers, on rows of a few images each,
+        as PrototypeRegression.fit_shots draws them)."""
         ref_emb, ref_rows, ref_cols, seed = self._reference
         r = self.reduced
         protos, _ = cell_prototypes(ref_emb, ref_rows, ref_cols, r.n_writers, r.n_labels)
         regression = PrototypeRegression(ref_emb.shape[1], seed=seed).fit(protos)
         codes = regression.codes(protos)
+        if any(h.reference is not None for h in self.hidden):
+            regression.fit_shots(ref_emb, ref_rows, ref_cols, protos)
         out = []
         for h in self.hidden:
             if h.reference is None:
@@ -207,7 +210,8 @@ class Scorer:
                     self.judge.embed(h.reference), np.zeros(len(cols), int), cols, 1, r.n_labels
                 )
                 row = regression.codes(mine)
-            out.append(regression.embed(regression.predict(row, r.col(h.label))[0]))
+            code = regression.predict(row, r.col(h.label), shots=h.reference is not None)
+            out.append(regression.embed(code[0]))
         return np.stack(out)
 
     def rank_rows(self, queries: np.ndarray) -> dict:

@@ -114,9 +114,14 @@ class PrototypeRegression:
         self.coef_ = self.coef_.astype(np.float32)
         self.intercept_ = self.intercept_.astype(np.float32)
 
-    def predict(self, codes: np.ndarray, label: int) -> np.ndarray:
-        """Codes (n, k) of label `label` for n writers given their codes (n, n_labels, k)."""
-        return self._design(codes, label) @ self.coef_[label] + self.intercept_[label]
+    def predict(self, codes: np.ndarray, label: int, shots: bool = False) -> np.ndarray:
+        """Codes (n, k) of label `label` for n writers given their codes (n, n_labels, k); with
+        `shots`, by the regressions fitted on a few images per writer (fit_shots) if fitted."""
+        if shots and hasattr(self, "shot_coef_"):
+            coef, intercept = self.shot_coef_, self.shot_intercept_
+        else:
+            coef, intercept = self.coef_, self.intercept_
+        return self._design(codes, label) @ coef[label] + intercept[label]
 
     def predict_all(self, codes: np.ndarray) -> np.ndarray:
         """Every cell's code predicted from the writer's other cells: (n, n_labels, k)."""
@@ -139,15 +144,78 @@ class PrototypeRegression:
             self.coef_, self.intercept_, self.alpha_ = saved
         return out
 
+    def fit_shots(
+        self,
+        embeddings: np.ndarray,
+        rows: np.ndarray,
+        cols: np.ndarray,
+        protos: np.ndarray,
+        max_shots: int = 12,
+        repeats: int = 4,
+    ) -> PrototypeRegression:
+        """Regressions for a writer known from a few images (`fill --reference`): for each label
+        j, every training writer who has j is seen through K random images of their other labels
+        (K uniform in 1..max_shots, `repeats` draws), and the regression predicts the code of
+        their *whole* real cell j from the codes of those few images. A row of one-image cells is
+        noisier and sparser than a full row, so these shrink more toward the label's mean where
+        the full-row regressions would trust noise. Call after fit(), in its code space."""
+        n_writers, n_labels = protos.shape[:2]
+        target = self.codes(protos)  # (W, L, k)
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        rng = np.random.default_rng(self.seed + 1)
+        k = target.shape[2]
+        self.shot_coef_ = np.zeros((n_labels, n_labels * (k + 1), k), np.float32)
+        self.shot_intercept_ = self.label_means_.copy()
+        image_codes = self.codes(embeddings)
+        for j in range(n_labels):
+            others = np.flatnonzero(cols != j)
+            has_j = ~np.isnan(target[:, j, 0])
+            xs, ys = [], []
+            for _ in range(repeats):
+                # K random images of each writer, among their images of labels other than j.
+                key = rng.random(len(others))
+                order = others[np.lexsort((key, rows[others]))]
+                writer = rows[order]
+                rank = np.arange(len(order)) - np.searchsorted(writer, writer)
+                budget = rng.integers(1, max_shots + 1, n_writers)
+                pick = order[rank < budget[writer]]
+                cell = rows[pick] * n_labels + cols[pick]
+                sums = np.zeros((n_writers * n_labels, k))
+                np.add.at(sums, cell, image_codes[pick])
+                counts = np.bincount(cell, minlength=n_writers * n_labels)[:, None]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    codes = (sums / counts).reshape(n_writers, n_labels, k)
+                mine = has_j & (np.bincount(rows[pick], minlength=n_writers) > 0)
+                xs.append(self._design(codes[mine], j))
+                ys.append(target[mine, j])
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            if len(x) < 3:
+                continue
+            ridge = RidgeCV(alphas=self.alphas).fit(x, y)
+            self.shot_coef_[j], self.shot_intercept_[j] = ridge.coef_.T, ridge.intercept_
+        return self
+
     # -- state -------------------------------------------------------------------------------
 
+    _STATE = (
+        "mean",
+        "components",
+        "label_means",
+        "coef",
+        "intercept",
+        "shot_coef",
+        "shot_intercept",
+    )
+
     def state(self) -> dict[str, np.ndarray]:
-        names = ("mean_", "components_", "label_means_", "coef_", "intercept_")
-        return {name.rstrip("_"): getattr(self, name) for name in names}
+        return {
+            name: getattr(self, name + "_") for name in self._STATE if hasattr(self, name + "_")
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> PrototypeRegression:
         self = cls(n_components=len(state["components"]))
-        for name in ("mean", "components", "label_means", "coef", "intercept"):
-            setattr(self, name + "_", np.asarray(state[name], np.float32))
+        for name in cls._STATE:
+            if name in state:
+                setattr(self, name + "_", np.asarray(state[name], np.float32))
         return self

@@ -288,12 +288,15 @@ class PredictedRetrievalConfig:
     """Real images of other writers nearest the cell's predicted prototype (a reference row)."""
 
     n_components: int = param(32, "principal components of the prototypes the regressions use")
-    classifier_epochs: int = param(3, "epochs of the label+writer classifier (the style space)")
+    classifier_epochs: int = param(6, "epochs of the label+writer classifier (the style space)")
+    classifier_width: int = param(24, "channels of the classifier's first convolutions")
     seed: int = param(0, "seed of the classifier and the regressions")
 
     def __post_init__(self):
-        if self.n_components < 1 or self.classifier_epochs < 1:
-            raise InkfillError("--n-components and --classifier-epochs must be at least 1")
+        if min(self.n_components, self.classifier_epochs, self.classifier_width) < 1:
+            raise InkfillError(
+                "--n-components, --classifier-epochs and --classifier-width must be at least 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -302,12 +305,15 @@ class CompletionGANConfig:
     prototype as predicted from the writer's other cells, and is trained on exactly that task."""
 
     n_components: int = param(32, "principal components of the prototypes the regressions use")
-    classifier_epochs: int = param(3, "epochs of the label+writer classifier (the style space)")
+    classifier_epochs: int = param(6, "epochs of the label+writer classifier (the style space)")
+    classifier_width: int = param(24, "channels of the classifier's first convolutions")
     style_dim: int = param(64, "size of the style code the generator reads")
     nz: int = param(32, "noise size: the variation within one cell")
     ngf: int = param(32, "generator width")
     ndf: int = param(32, "discriminator width")
-    steps: int = param(3000, "training steps")
+    steps: int = param(
+        0, "training steps; 0: adapt to the data (20 passes over the observed cells, 1k-10k)"
+    )
     batch_cells: int = param(32, "cells per step")
     samples_per_cell: int = param(4, "generated images per cell and step (>= 2 for the spread)")
     lr: float = param(2e-4, "Adam learning rate")
@@ -318,6 +324,9 @@ class CompletionGANConfig:
         "training cells conditioned on their prototype predicted without them (the task), "
         "the rest on their real prototype",
     )
+    classify_weight: float = param(
+        0.3, "the draws must read as their label to the method's own classifier (cross-entropy)"
+    )
     feature_weight: float = param(
         0.2, "squared distance of the cell's generated and real mean embedding"
     )
@@ -326,7 +335,7 @@ class CompletionGANConfig:
     )
     nce_temperature: float = param(0.1, "temperature of the InfoNCE cosine similarities")
     spread_weight: float = param(
-        1.0, "the cell's draws must differ as much as the real cell's images do (log ratio)"
+        3.0, "the cell's draws must differ as much as the real cell's images do (log ratio)"
     )
     label_weight: float = param(1.0, "auxiliary label classifier loss (AC-GAN)")
     r1_weight: float = param(
@@ -343,7 +352,15 @@ class CompletionGANConfig:
     seed: int = param(0, "seed of initialisation and training")
 
     def __post_init__(self):
-        for name in ("n_components", "classifier_epochs", "style_dim", "nz", "ngf", "ndf"):
+        for name in (
+            "n_components",
+            "classifier_epochs",
+            "classifier_width",
+            "style_dim",
+            "nz",
+            "ngf",
+            "ndf",
+        ):
             if getattr(self, name) < 1:
                 raise InkfillError(f"--{name.replace('_', '-')} must be at least 1")
         if self.batch_cells < 1 or self.samples_per_cell < 2:
@@ -352,8 +369,8 @@ class CompletionGANConfig:
             raise InkfillError("--steps and --shift must be >= 0 and --truncation > 0")
         if not 0 <= self.predicted_share <= 1 or not self.nce_temperature > 0:
             raise InkfillError("--predicted-share must be in [0, 1] and --nce-temperature > 0")
-        weights = ("feature_weight", "nce_weight", "spread_weight", "label_weight",
-                   "r1_weight", "recon_weight", "kl_weight")  # fmt: skip
+        weights = ("classify_weight", "feature_weight", "nce_weight", "spread_weight",
+                   "label_weight", "r1_weight", "recon_weight", "kl_weight")  # fmt: skip
         for name in weights:
             if getattr(self, name) < 0:
                 raise InkfillError(f"--{name.replace('_', '-')} must be >= 0")

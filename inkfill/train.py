@@ -287,167 +287,6 @@ def random_shift(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> 
     return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
-def train_personal_gan(
-    generator: nn.Module,
-    discriminator: nn.Module,
-    style_params: list[nn.Parameter],
-    sample: Callable[[], dict[str, torch.Tensor]],
-    style_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    restyle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    *,
-    steps: int,
-    samples_per_cell: int,
-    lr: float,
-    style_lr: float,
-    beta1: float,
-    mean_weight: float,
-    label_weight: float,
-    style_weight: float,
-    diversity_weight: float,
-    writer_head: nn.Module | None,
-    writer_weight: float,
-    features: nn.Module | None,
-    feature_weight: float,
-    judge_style: bool,
-    posterior: nn.Module | None,
-    recon_weight: float,
-    kl_weight: float,
-    shift: int,
-    rng: torch.Generator,
-    bf16: bool = False,
-    log_every: int = 10,
-    progress=None,
-    checkpoint: Loop | None = None,
-) -> dict[str, list[float]]:
-    """Train a personal generator G(z, style, label) against a PersonalDiscriminator.
-
-    Each step `sample()` draws observed cells: "real" (B, 1, 28, 28) one real image of each,
-    "mean" (B, 1, 28, 28) the cell's mean image, "labels" (B,), and whatever `style_of` needs to
-    compute the writers' style codes (B, style_dim) (a table lookup, or a style encoder reading
-    other images of the writer). G draws `samples_per_cell` images per cell. Its loss:
-
-    - adversarial (non-saturating BCE) against D, which judges (image, label[, style]) and has an
-      auxiliary label classifier (AC-GAN), both weighted by `label_weight` on the class term;
-    - `mean_weight` * L1 between the mean of a cell's generated images and its real mean image:
-      the fill must look like *this* writer's label, while D keeps single images sharp;
-    - `style_weight` * L1 between restyle(fake) (the style read back from a generated image) and
-      the style it was made from, where `restyle` is given (the encoder method);
-    - with a `posterior` encoder (a cVAE-GAN, as in BicycleGAN): `recon_weight` * L1 between each
-      real image and G(z ~ posterior(real, label, style), style, label), plus `kl_weight` * KL of
-      the posterior to N(0, I); D also sees these reconstructions as fakes;
-    - `feature_weight` * squared distance between the mean `features` embedding of a cell's
-      generated images and batch["mean_features"], that of its real images;
-    - `diversity_weight` * mode seeking (two draws for one cell must differ), subtracted, and
-      `writer_weight` * CE of `writer_head(style)` against the writer (both off by default).
-
-    Every weight comes from the method's config (no defaults here, so there is one source).
-    The style parameters learn at `style_lr` times `lr`. D sees every image translated by up to
-    `shift` pixels (differentiable augmentation, Zhao et al. 2020), so that it cannot memorise the
-    few images of each writer.
-    """
-    device = next(generator.parameters()).device
-    extra = [*(writer_head.parameters() if writer_head is not None else [])]
-    extra += [*(posterior.parameters() if posterior is not None else [])]
-    opt_g = torch.optim.Adam(
-        [
-            {"params": [*generator.parameters(), *extra]},
-            {"params": style_params, "lr": lr * style_lr},
-        ],
-        lr=lr,
-        betas=(beta1, 0.999),
-    )
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
-    generator.train()
-    discriminator.train()
-    keys = ("loss_d", "loss_g", "adv", "recon", "kl", "mean", "features", "spread", "style",
-            "writer")  # fmt: skip
-    losses = _LossLog((*keys, "d_label_acc"), steps, log_every)
-    m = samples_per_cell
-    start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress)
-
-    def judge(images, labels, style):
-        return discriminator(
-            random_shift(images, shift, rng) if shift else images,
-            labels,
-            style if judge_style else None,
-        )
-
-    for step in range(start + 1, steps + 1):
-        batch = sample()
-        labels = batch["labels"]
-        labels_m = labels.repeat_interleave(m)
-        with autocast(device, bf16):
-            style = style_of(batch)  # (B, style_dim)
-            style_m = style.repeat_interleave(m, dim=0)
-            z = torch.randn(len(labels_m), generator.nz, generator=rng).to(device)
-            fake = generator(z, style_m, labels_m)  # (B*m, 1, 28, 28)
-            zero = torch.zeros((), device=device)
-            recon = None
-            rec = kl = zero
-            if posterior is not None:
-                # cVAE: redraw each real image from its inferred noise and the writer's style.
-                mu, logvar = posterior(batch["real"], labels, style)
-                eps = torch.randn(mu.shape, generator=rng).to(device)
-                recon = generator(mu + eps * (0.5 * logvar).exp(), style, labels)
-                rec = (recon.float() - batch["real"]).abs().mean()
-                kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum(1)
-                kl = kl.mean()
-            # D judges the prior draws and, when there are, the reconstructions as fakes.
-            fakes = fake if recon is None else torch.cat([fake, recon])
-            fake_labels = labels_m if recon is None else torch.cat([labels_m, labels])
-            fake_style = style_m if recon is None else torch.cat([style_m, style])
-
-            real_logit, real_cls = judge(batch["real"], labels, style.detach())
-            fake_logit, _ = judge(fakes.detach(), fake_labels, fake_style.detach())
-            loss_d = bce_d_loss(real_logit.float(), fake_logit.float())
-            loss_d = loss_d + label_weight * F.cross_entropy(real_cls.float(), labels)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-
-        with autocast(device, bf16):
-            fake_logit, fake_cls = judge(fakes, fake_labels, fake_style.detach())
-            adv = bce_g_loss(fake_logit.float())
-            adv = adv + label_weight * F.cross_entropy(fake_cls.float(), fake_labels)
-            by_cell = fake.float().view(len(labels), m, -1)  # (B, m, 784)
-            mean = (by_cell.mean(1) - batch["mean"].flatten(1)).abs().mean()
-            feat = spread = style_loss = writer_loss = zero
-            if features is not None and feature_weight > 0:
-                # The cell's generated images must match its real ones on average in a
-                # writer-discriminative feature space (the mean embedding of the cell).
-                emb = features(fake).float().view(len(labels), m, -1).mean(1)
-                feat = ((emb - batch["mean_features"]) ** 2).sum(1).mean()
-            if diversity_weight > 0 and m > 1:
-                # Mode seeking (Mao et al. 2019): two draws for one cell must differ.
-                spread = (by_cell[:, 0] - by_cell[:, 1]).abs().mean(1).clamp(max=0.5).mean()
-            if writer_head is not None and writer_weight > 0:
-                # The style code must tell writers apart (else it can collapse to a constant).
-                writer_loss = F.cross_entropy(writer_head(style).float(), batch["rows"])
-            if restyle is not None and style_weight > 0:
-                style_loss = (
-                    (restyle(fake, labels_m).float() - style_m.detach().float()).abs().mean()
-                )
-            loss_g = (
-                adv + mean_weight * mean + feature_weight * feat - diversity_weight * spread
-                + writer_weight * writer_loss + style_weight * style_loss
-                + recon_weight * rec + kl_weight * kl
-            )  # fmt: skip
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-
-        with torch.no_grad():
-            acc = (real_cls.argmax(1) == labels).float().mean()
-            terms = (adv, rec, kl, mean, feat, spread, style_loss, writer_loss)
-            losses.add(step, (loss_d, loss_g, *terms, acc))
-        losses.save(checkpoint, step)
-        if progress is not None:
-            progress.update(1)
-    generator.eval()
-    discriminator.eval()
-    return losses.history
-
-
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
     """Mean structural similarity (Wang et al. 2004) of two image batches (B, 1, H, W) in [0, 1],
     with a Gaussian window; differentiable, so 1 - ssim serves as a loss."""
@@ -555,20 +394,110 @@ def train_collagan(
     return losses.history
 
 
-class CellLoss:
-    """The generator's objective of completion-gan beyond the adversarial term, as named terms
-    (EDM's loss objects): every weight comes from the method's config, terms of weight 0 are not
-    computed, and `terms` lists the names that are, in the order the loop logs them.
+class _GeneratorLoss:
+    """A generator objective beyond the adversarial term, as named terms (EDM's loss objects):
+    every weight comes from the method's config (no defaults here), terms of weight 0 are not
+    computed, and `terms` lists the names that are, in the order the loop logs them. Called as
+    loss(fake, batch, m, style, recon, mu, logvar) for B cells with m draws each (fake
+    (B*m, 1, 28, 28)), the cell sampler's batch, the cells' style codes (B, style_dim) and, with a
+    cVAE posterior, the reconstructions of the real images and the posterior's mean and log-var.
+    Modules with parameters of their own (`params`) learn with the generator."""
 
-    For B cells with m draws each (fake (B*m, 1, 28, 28)) and the batch of the cell sampler:
+    weights: dict[str, float]
+    params: list[nn.Parameter] = []
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return tuple(k for k, w in self.weights.items() if w != 0)
+
+    def _cvae(self, out, batch, recon, mu, logvar) -> None:
+        """The cVAE's L1 reconstruction of each real image from its inferred noise, and the KL of
+        that noise to N(0, I)."""
+        if recon is not None and "recon" in self.terms:
+            out["recon"] = (recon.float() - batch["real"]).abs().mean()
+        if mu is not None and "kl" in self.terms:
+            kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum(1)
+            out["kl"] = kl.mean()
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[k] * v for k, v in terms.items())
+
+
+class PersonalLoss(_GeneratorLoss):
+    """embed-gan's and encoder-gan's objective (a conditional VAE-GAN, as in BicycleGAN):
+
+    - mean: L1 between the mean of a cell's draws and its real mean image;
+    - features: squared distance of the draws' mean `features` embedding to the real cell's;
+    - seeking: mode seeking (Mao et al. 2019), minus the mean L1 between two draws of one cell
+      (clamped at 0.5), so that draws for one cell differ;
+    - writer: CE of `writer_head(style)` against the writer (a style code must tell writers
+      apart, else it can collapse to a constant);
+    - style: L1 between restyle(draw) (the style read back from a generated image, the encoder
+      method) and the style it was drawn from;
+    - recon / kl: the cVAE terms.
+    """
+
+    def __init__(
+        self,
+        *,
+        mean_weight: float,
+        feature_weight: float,
+        features: nn.Module | None,
+        diversity_weight: float,
+        writer_weight: float,
+        writer_head: nn.Module | None,
+        style_weight: float,
+        restyle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        recon_weight: float,
+        kl_weight: float,
+    ):
+        # The cVAE terms need a posterior, which the methods build only when recon_weight > 0.
+        kl_weight = kl_weight if recon_weight > 0 else 0.0
+        self.features, self.writer_head, self.restyle = features, writer_head, restyle
+        self.weights = {
+            "mean": mean_weight,
+            "features": feature_weight if features is not None else 0.0,
+            "seeking": diversity_weight,
+            "writer": writer_weight if writer_head is not None else 0.0,
+            "style": style_weight if restyle is not None else 0.0,
+            "recon": recon_weight,
+            "kl": kl_weight,
+        }
+        self.params = [*writer_head.parameters()] if writer_head is not None else []
+
+    def __call__(self, fake, batch, m, style, recon=None, mu=None, logvar=None):
+        labels, terms = batch["labels"], self.terms
+        out: dict[str, torch.Tensor] = {}
+        by_cell = fake.float().view(len(labels), m, -1)  # (B, m, 784)
+        if "mean" in terms:
+            out["mean"] = (by_cell.mean(1) - batch["mean"].flatten(1)).abs().mean()
+        if "features" in terms:
+            emb = self.features(fake).float().view(len(labels), m, -1).mean(1)
+            out["features"] = ((emb - batch["mean_features"]) ** 2).sum(1).mean()
+        if "seeking" in terms:  # one draw per cell: nothing to tell apart
+            apart = (by_cell[:, 0] - by_cell[:, -1]).abs().mean(1).clamp(max=0.5).mean()
+            out["seeking"] = -apart
+        if "writer" in terms:
+            out["writer"] = F.cross_entropy(self.writer_head(style).float(), batch["rows"])
+        if "style" in terms:
+            again = self.restyle(fake, labels.repeat_interleave(m)).float()
+            out["style"] = (again - style.detach().float().repeat_interleave(m, 0)).abs().mean()
+        self._cvae(out, batch, recon, mu, logvar)
+        return out
+
+
+class CellLoss(_GeneratorLoss):
+    """completion-gan's objective: its draws of a cell are compared with the *real* cell.
+
+    - classify: cross-entropy of the feature network's label head on each draw (the draws must
+      read as their label whatever the discriminator's state);
     - features: squared distance of the draws' mean embedding to the real cell's prototype;
     - nce: InfoNCE over writers: the draws' mean embedding, centred on the label's mean, must be
       nearer (cosine / temperature) the real cell's prototype than any other writer's prototype of
       the label (the bench's retrieval task, in the method's own feature space);
     - spread: |log| of the ratio of the draws' mean pairwise pixel distance to the real cell's
       (a collapsed cell, far below, pulls hard);
-    - recon / kl: the cVAE's L1 reconstruction of each real image from its inferred noise and the
-      KL of that noise to N(0, I).
+    - recon / kl: the cVAE terms.
     """
 
     def __init__(
@@ -577,6 +506,7 @@ class CellLoss:
         prototypes: torch.Tensor,
         valid: torch.Tensor,
         *,
+        classify_weight: float,
         feature_weight: float,
         nce_weight: float,
         nce_temperature: float,
@@ -590,6 +520,7 @@ class CellLoss:
             :, None
         ]
         self.weights = {
+            "classify": classify_weight,
             "features": feature_weight,
             "nce": nce_weight,
             "spread": spread_weight,
@@ -597,45 +528,42 @@ class CellLoss:
             "kl": kl_weight,
         }
         self.temperature = nce_temperature
-        self.terms = tuple(k for k, w in self.weights.items() if w > 0)
 
-    def __call__(self, fake, batch, m, recon=None, mu=None, logvar=None) -> dict[str, torch.Tensor]:
-        rows, labels = batch["rows"], batch["labels"]
+    def __call__(self, fake, batch, m, style=None, recon=None, mu=None, logvar=None):
+        rows, labels, terms = batch["rows"], batch["labels"], self.terms
         out: dict[str, torch.Tensor] = {}
-        if "features" in self.terms or "nce" in self.terms:
-            emb = self.features(fake).float().view(len(labels), m, -1).mean(1)  # (B, d)
-        if "features" in self.terms:
+        if {"classify", "features", "nce"} & set(terms):
+            each = self.features(fake).float()  # (B*m, d)
+            emb = each.view(len(labels), m, -1).mean(1)  # (B, d)
+        if "classify" in terms:
+            logits = self.features.label_head(each)
+            out["classify"] = F.cross_entropy(logits, labels.repeat_interleave(m))
+        if "features" in terms:
             out["features"] = ((emb - batch["mean_features"]) ** 2).sum(1).mean()
-        if "nce" in self.terms:
+        if "nce" in terms:
             centre = self.label_means[labels]  # (B, d)
             query = F.normalize(emb - centre, dim=1)
             keys = F.normalize(self.prototypes[labels] - centre[:, None], dim=2)  # (B, W, d)
             logits = torch.einsum("bd,bwd->bw", query, keys) / self.temperature
             logits = logits.masked_fill(~self.valid[labels], float("-inf"))
             out["nce"] = F.cross_entropy(logits, rows)
-        if "spread" in self.terms:
+        if "spread" in terms:
             ink = ((fake.float() + 1) / 2).view(len(labels), m, -1)  # (B, m, 784) in [0, 1]
             d2 = (ink[:, :, None] - ink[:, None]).pow(2).sum(-1)  # (B, m, m)
             pairs = torch.triu_indices(m, m, 1, device=fake.device)
             spread = (d2[:, pairs[0], pairs[1]] + 1e-4).sqrt().mean(1)  # (B,)
             out["spread"] = (spread.log() - batch["spread"].log()).abs().mean()
-        if recon is not None and "recon" in self.terms:
-            out["recon"] = (recon.float() - batch["real"]).abs().mean()
-        if mu is not None and "kl" in self.terms:
-            kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum(1)
-            out["kl"] = kl.mean()
+        self._cvae(out, batch, recon, mu, logvar)
         return out
 
-    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.weights[k] * v for k, v in terms.items())
 
-
-def train_cell_gan(
+def train_personal_gan(
     generator: nn.Module,
     discriminator: nn.Module,
-    style_net: nn.Module,
+    style_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    style_params: list[nn.Parameter],
     sample: Callable[[], dict[str, torch.Tensor]],
-    loss: CellLoss,
+    loss: _GeneratorLoss,
     *,
     steps: int,
     samples_per_cell: int,
@@ -653,26 +581,34 @@ def train_cell_gan(
     progress=None,
     checkpoint: Loop | None = None,
 ) -> dict[str, list[float]]:
-    """Train G(z, style_net(batch["condition"]), label) to draw whole cells.
+    """The one adversarial loop of the personal generators G(z, style, label) (embed-gan,
+    encoder-gan, completion-gan); what differs between them is `style_of` and `loss`.
 
-    Each step `sample()` gives B cells: "rows", "labels", "condition" (what the style is read
-    from), "real" (one real image each), and what `loss` needs. G draws `samples_per_cell` images
-    per cell; D (projection on label and style, auxiliary label classifier, images shifted by up
-    to `shift` pixels) judges them, and the cVAE's reconstructions when there is a `posterior`.
-    G's loss: the non-saturating adversarial term with the label term, plus `loss`'s named terms.
-    D's gradient on real images is penalised with `r1_weight` / 2 * |grad|^2 (R1, Mescheder et al.
-    2018), which keeps D from overpowering G (without it, some seeds end with D winning outright).
+    Each step `sample()` gives B observed cells: "rows", "labels", "real" (one real image each)
+    and whatever `style_of` (batch -> style codes (B, style_dim): a table lookup, a set encoder,
+    a network on the cell's predicted prototype) and `loss` read. G draws `samples_per_cell`
+    images per cell; D (projection on label and style, auxiliary label classifier, every image
+    shifted by up to `shift` pixels: differentiable augmentation, Zhao et al. 2020) judges them,
+    and with a cVAE `posterior` also G's reconstructions of the real images from their inferred
+    noise. G's loss: the non-saturating adversarial term with the label term (`label_weight`),
+    plus `loss`'s named terms. The style parameters learn at `style_lr` times `lr`. With
+    `r1_weight` > 0, D's gradient on real images is penalised by r1_weight / 2 * |grad|^2 (R1,
+    Mescheder et al. 2018), which keeps D from overpowering G. Every weight comes from the
+    method's config (no defaults here, so there is one source).
     """
     device = next(generator.parameters()).device
-    g_params = [*generator.parameters(), *(posterior.parameters() if posterior else [])]
+    g_params = [*generator.parameters(), *loss.params,
+                *(posterior.parameters() if posterior else [])]  # fmt: skip
     opt_g = torch.optim.Adam(
-        [{"params": g_params}, {"params": style_net.parameters(), "lr": lr * style_lr}],
+        [{"params": g_params}, {"params": style_params, "lr": lr * style_lr}],
         lr=lr,
         betas=(beta1, 0.999),
     )
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
-    for module in (generator, discriminator, style_net, *([posterior] if posterior else [])):
-        module.train()
+    generator.train()
+    discriminator.train()
+    if posterior is not None:
+        posterior.train()
     keys = ("loss_d", "loss_g", "adv", *loss.terms, *(["r1"] if r1_weight > 0 else []))
     losses = _LossLog((*keys, "d_label_acc"), steps, log_every)
     m = samples_per_cell
@@ -687,13 +623,15 @@ def train_cell_gan(
         labels = batch["labels"]
         labels_m = labels.repeat_interleave(m)
         with autocast(device, bf16):
-            style = style_net(batch["condition"], labels)  # (B, style_dim)
+            style = style_of(batch)  # (B, style_dim)
             style_m = style.repeat_interleave(m, dim=0)
             z = torch.randn(len(labels_m), generator.nz, generator=rng).to(device)
             fake = generator(z, style_m, labels_m)  # (B*m, 1, 28, 28)
             recon = mu = logvar = None
             fakes, fake_labels, fake_style = fake, labels_m, style_m
             if posterior is not None:
+                # cVAE: redraw each real image from its inferred noise and the writer's style;
+                # D judges these reconstructions as fakes too.
                 mu, logvar = posterior(batch["real"], labels, style)
                 eps = torch.randn(mu.shape, generator=rng).to(device)
                 recon = generator(mu + eps * (0.5 * logvar).exp(), style, labels)
@@ -720,7 +658,7 @@ def train_cell_gan(
             fake_logit, fake_cls = judge(fakes, fake_labels, fake_style.detach())
             adv = bce_g_loss(fake_logit.float())
             adv = adv + label_weight * F.cross_entropy(fake_cls.float(), fake_labels)
-            terms = loss(fake, batch, m, recon, mu, logvar)
+            terms = loss(fake, batch, m, style, recon, mu, logvar)
             loss_g = adv + loss.total(terms)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -728,10 +666,13 @@ def train_cell_gan(
 
         with torch.no_grad():
             acc = (real_cls.argmax(1) == labels).float().mean()
-            losses.add(step, (loss_d, loss_g, adv, *terms.values(), *extra, acc))
+            named = [terms[k] for k in loss.terms]  # every term the loss lists, in its order
+            losses.add(step, (loss_d, loss_g, adv, *named, *extra, acc))
         losses.save(checkpoint, step)
         if progress is not None:
             progress.update(1)
-    for module in (generator, discriminator, style_net, *([posterior] if posterior else [])):
-        module.eval()
+    generator.eval()
+    discriminator.eval()
+    if posterior is not None:
+        posterior.eval()
     return losses.history

@@ -10,7 +10,7 @@ from inkfill.completion import PrototypeRegression, cell_prototypes
 from inkfill.config import InkfillError
 from inkfill.data import WriterMatrix
 from inkfill.methods import load_run
-from inkfill.methods.completion import CompletionGAN, PredictedRetrieval
+from inkfill.methods.completion import CompletionGAN, PredictedRetrieval, auto_steps
 from inkfill.train import CellLoss
 
 TINY = dict(style_dim=8, nz=4, ngf=8, ndf=8, steps=6, batch_cells=4, classifier_epochs=1, seed=2)
@@ -69,6 +69,31 @@ def test_out_of_fold_predictions_never_see_the_writer():
     assert not np.allclose(a[7, 0], b[7, 0])  # other labels do read it
 
 
+def test_shot_regressions_beat_full_row_ones_from_a_few_noisy_images():
+    """Writers seen through 3 images of other labels: the regressions fitted on such draws
+    (fit_shots) predict the missing cell better than those fitted on whole rows."""
+    protos, _ = _low_rank_protos(n_writers=400, d=12, p_empty=0.0)
+    rng = np.random.default_rng(1)
+    per_cell = 8
+    rows = np.repeat(np.arange(400), 5 * per_cell)
+    cols = np.tile(np.repeat(np.arange(5), per_cell), 400)
+    emb = protos[rows, cols] + rng.normal(0, 1.5, (len(rows), 12)).astype(np.float32)
+    train = rows < 300
+    cell_means, _ = cell_prototypes(emb[train], rows[train], cols[train], 300, 5)
+    reg = PrototypeRegression(n_components=12).fit(cell_means)
+    reg.fit_shots(emb[train], rows[train], cols[train], cell_means, max_shots=6, repeats=4)
+    errors = {False: [], True: []}
+    for w in range(300, 400):
+        pick = rng.choice(np.flatnonzero((rows == w) & (cols != 2)), 3, replace=False)
+        shot, _ = cell_prototypes(emb[pick], np.zeros(3, int), cols[pick], 1, 5)
+        for shots in errors:
+            pred = reg.embed(reg.predict(reg.codes(shot), 2, shots=shots))[0]
+            errors[shots].append(((pred - protos[w, 2]) ** 2).sum())
+    assert np.mean(errors[True]) < 0.9 * np.mean(errors[False])
+    again = PrototypeRegression.from_state(reg.state())
+    np.testing.assert_allclose(again.shot_coef_, reg.shot_coef_)
+
+
 def test_regression_state_round_trips():
     protos, _ = _low_rank_protos(n_writers=40)
     reg = PrototypeRegression(n_components=6).fit(protos)
@@ -111,6 +136,12 @@ def test_completion_gan_fills_new_writers_from_reference(fitted, matrix):
     np.testing.assert_array_equal(a, fitted.generate_from_reference(images, labels, 3, 5, 1, "x"))
 
 
+def test_steps_adapt_to_the_number_of_cells():
+    assert auto_steps(4800, 32) == 3000  # femnist_digits
+    assert auto_steps(100, 32) == 1000 and auto_steps(140_000, 32) == 10_000
+    assert auto_steps(9600, 32) == 2 * auto_steps(4800, 32)
+
+
 def test_bad_hyperparameters_are_refused():
     for bad in ({"samples_per_cell": 1}, {"predicted_share": 1.5}, {"nce_weight": -1.0}):
         with pytest.raises(InkfillError):
@@ -141,14 +172,23 @@ def test_cell_loss_ranks_the_true_writer_and_matches_spread():
     protos = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]])  # (L=1, W=3, d=4)
 
     class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            # Two labels: label 1 wherever feature 3 is on, else label 0.
+            self.label_head = torch.nn.Linear(4, 2)
+            with torch.no_grad():
+                self.label_head.weight.copy_(torch.tensor([[0.0, 0, 0, -5], [0.0, 0, 0, 5]]))
+                self.label_head.bias.copy_(torch.tensor([2.5, -2.5]))
+
         def forward(self, x):
             return x.flatten(1)[:, :4]
 
     loss = CellLoss(
-        Flat(), protos, torch.ones(1, 3, dtype=torch.bool), feature_weight=1.0, nce_weight=1.0,
-        nce_temperature=0.1, spread_weight=1.0, recon_weight=0.0, kl_weight=0.0,
+        Flat(), protos, torch.ones(1, 3, dtype=torch.bool), classify_weight=1.0,
+        feature_weight=1.0, nce_weight=1.0, nce_temperature=0.1, spread_weight=1.0,
+        recon_weight=0.0, kl_weight=0.0,
     )  # fmt: skip
-    assert loss.terms == ("features", "nce", "spread")
+    assert loss.terms == ("classify", "features", "nce", "spread")
     batch = {
         "rows": torch.tensor([1]),
         "labels": torch.tensor([0]),
@@ -167,6 +207,13 @@ def test_cell_loss_ranks_the_true_writer_and_matches_spread():
     assert good["nce"] < bad["nce"] and good["features"] < 1e-6 < bad["features"]
     # A pair 0.5 apart in [0, 1] ink (1.0 in model units) matches the real cell's spread 0.5.
     assert loss(draws(protos[0, 1], 1.0), batch, 2)["spread"] < 0.01 < good["spread"]
+    # The classify term: draws with feature 3 on read as label 1, not the asked label 0.
+    assert (
+        good["classify"]
+        < 0.01
+        < 1.0
+        < loss(draws(torch.tensor([0, 0, 0, 1.0]), 0), batch, 2)["classify"]
+    )
 
 
 def test_completion_gan_on_62_labels_fills_letters():

@@ -5,7 +5,8 @@
 - encoder-gan (A2): the writer's embedding is read from their images by a style encoder shared
   by all writers, so it also fills cells of writers never seen in training, from a few images.
 
-Both train with the same objective (train.train_personal_gan), a conditional VAE-GAN: a
+Both train in the personal generators' one loop (train.train_personal_gan) with the same
+objective (train.PersonalLoss), a conditional VAE-GAN: a
 posterior encoder infers the noise that redraws each real image from (style, label), with an L1
 reconstruction and a KL term; a projection discriminator on (image, label, style) with an
 auxiliary label classifier; and a feature loss: a cell's generated images must match its real ones
@@ -30,7 +31,7 @@ from ..models import (
     PosteriorEncoder,
     StyleEncoder,
 )
-from ..train import train_feature_net, train_personal_gan
+from ..train import PersonalLoss, train_feature_net, train_personal_gan
 from .base import Method, cell_generator, cell_seed, save_generator_figures
 
 log = logging.getLogger(__name__)
@@ -150,42 +151,25 @@ class _PersonalGAN(Method):
                        **self._style_modules()}  # fmt: skip
             if posterior is not None:
                 modules["posterior"] = posterior
+            loss = PersonalLoss(
+                mean_weight=self.mean_weight, feature_weight=self.feature_weight,
+                features=self.classifier_, diversity_weight=self.diversity_weight,
+                writer_weight=self.writer_weight, writer_head=head,
+                style_weight=getattr(self, "style_weight", 0.0), restyle=self._restyle(),
+                recon_weight=self.recon_weight, kl_weight=self.kl_weight,
+            )  # fmt: skip
             done = self._finished(self.name, modules)
-            with tqdm(total=self.steps, desc=self.name, disable=not progress) as bar:
-                self.history_ = {
-                    self.name: done
-                    if done is not None
-                    else train_personal_gan(
-                        self.generator_,
-                        disc,
-                        params,
-                        sampler,
-                        self._style_of,
-                        self._restyle(),
-                        steps=self.steps,
-                        samples_per_cell=self.samples_per_cell,
-                        lr=self.lr,
-                        style_lr=self.style_lr,
-                        beta1=self.beta1,
-                        mean_weight=self.mean_weight,
-                        label_weight=self.label_weight,
-                        style_weight=getattr(self, "style_weight", 0.0),
-                        judge_style=self.judge_style,
-                        posterior=posterior,
-                        recon_weight=self.recon_weight,
-                        kl_weight=self.kl_weight,
-                        diversity_weight=self.diversity_weight,
-                        writer_head=head,
-                        writer_weight=self.writer_weight,
-                        features=self.classifier_,
-                        feature_weight=self.feature_weight,
-                        shift=self.shift,
-                        rng=rng,
-                        bf16=self.bf16,
-                        progress=bar,
+            if done is None:
+                with tqdm(total=self.steps, desc=self.name, disable=not progress) as bar:
+                    done = train_personal_gan(
+                        self.generator_, disc, self._style_of, params, sampler, loss,
+                        steps=self.steps, samples_per_cell=self.samples_per_cell, lr=self.lr,
+                        style_lr=self.style_lr, beta1=self.beta1, label_weight=self.label_weight,
+                        r1_weight=0.0, judge_style=self.judge_style, shift=self.shift, rng=rng,
+                        posterior=posterior, bf16=self.bf16, progress=bar,
                         checkpoint=self._loop(self.name, modules),
-                    )
-                }
+                    )  # fmt: skip
+            self.history_ = {self.name: done}
             self._finish(self.name, modules, self.history_[self.name])
             for module in self._style_modules().values():
                 module.eval()
@@ -258,12 +242,14 @@ class _PersonalGAN(Method):
         self.styles_ = tensors["styles"]
 
 
-def train_classifier(method: Method, matrix: WriterMatrix, progress: bool) -> FeatureNet:
+def train_classifier(
+    method: Method, matrix: WriterMatrix, progress: bool, width: int = 16
+) -> FeatureNet:
     """A label+writer classifier on the training images (the seed's A2 network, "trained for
     domain classification", with a writer head): its embedding is the space of the feature
     loss, and, with encoder="classifier", of the style code. Frozen after training; a finished
     stage of an interrupted fit is loaded instead of trained."""
-    net = FeatureNet(matrix.n_labels, matrix.n_writers, width=16, dim=128).to(method.device_)
+    net = FeatureNet(matrix.n_labels, matrix.n_writers, width=width, dim=128).to(method.device_)
     x = to_model(matrix.data.images, method.device_)
     cols = torch.as_tensor(matrix.cols, device=method.device_)
     rows = torch.as_tensor(matrix.rows, device=method.device_)
