@@ -19,6 +19,18 @@ TINY = {
         style_dim=8, nz=4, ngf=8, ndf=8, steps=3, batch_cells=4, classifier_epochs=1
     ),
     "collagan": dict(width=4, ndf=8, steps=3, batch_cells=4),
+    "predicted-retrieval": dict(n_components=4, classifier_epochs=1, classifier_width=8),
+    "completion-gan": dict(
+        n_components=4,
+        style_dim=8,
+        nz=4,
+        ngf=8,
+        ndf=8,
+        steps=3,
+        batch_cells=4,
+        classifier_epochs=1,
+        classifier_width=8,
+    ),
 }
 
 
