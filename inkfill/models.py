@@ -148,6 +148,16 @@ class FeatureNet(nn.Module):
         return self.body(images)
 
 
+def style_head(hidden: int, style_dim: int) -> nn.Sequential:
+    """The two-layer MLP on a summed (features + label) vector that ends both style readers."""
+    return nn.Sequential(
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, style_dim),
+    )
+
+
 class StyleEncoder(nn.Module):
     """A set of one writer's images, of any labels and any count -> one style code.
 
@@ -167,12 +177,7 @@ class StyleEncoder(nn.Module):
             nn.Linear(2 * width * 49, hidden),
         )
         self.label = nn.Embedding(n_labels, hidden)
-        self.head = nn.Sequential(
-            nn.LeakyReLU(0.2),
-            nn.Linear(hidden, hidden),
-            nn.LeakyReLU(0.2),
-            nn.Linear(hidden, style_dim),
-        )
+        self.head = style_head(hidden, style_dim)
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
@@ -360,12 +365,7 @@ class CodeStyle(nn.Module):
         super().__init__()
         self.label = nn.Embedding(n_labels, hidden)
         self.inp = nn.Linear(code_dim, hidden)
-        self.net = nn.Sequential(
-            nn.LeakyReLU(0.2),
-            nn.Linear(hidden, hidden),
-            nn.LeakyReLU(0.2),
-            nn.Linear(hidden, style_dim),
-        )
+        self.net = style_head(hidden, style_dim)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         style = self.net(self.inp(codes) + self.label(labels))

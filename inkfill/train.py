@@ -404,7 +404,7 @@ class _GeneratorLoss:
     Modules with parameters of their own (`params`) learn with the generator."""
 
     weights: dict[str, float]
-    params: list[nn.Parameter] = []
+    params: tuple[nn.Parameter, ...] | list[nn.Parameter] = ()
 
     @property
     def terms(self) -> tuple[str, ...]:
