@@ -348,12 +348,18 @@ class CompletionGANConfig:
     judge_style: bool = param(True, "the discriminator also judges the style (projection)")
     shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
     truncation: float = param(1.0, "sampling: z ~ truncation * N(0, I)")
+    candidates: int = param(
+        4,
+        "sampling: draw this many images per image kept and keep the set whose mean in the "
+        "style space is nearest the cell's predicted prototype (herding; 1: plain draws)",
+    )
     bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
     seed: int = param(0, "seed of initialisation and training")
 
     def __post_init__(self):
         for name in (
             "n_components",
+            "candidates",
             "classifier_epochs",
             "classifier_width",
             "style_dim",

@@ -136,6 +136,34 @@ def test_completion_gan_fills_new_writers_from_reference(fitted, matrix):
     np.testing.assert_array_equal(a, fitted.generate_from_reference(images, labels, 3, 5, 1, "x"))
 
 
+def test_herding_keeps_the_candidates_whose_mean_is_nearest_the_prediction(fitted, matrix):
+    from inkfill.methods.personal import embed_images
+
+    writer, label = matrix.empty_cells()[0]
+    row, col = fitted.matrix_.row(writer), fitted.matrix_.col(label)
+    target = fitted.regression_.embed(fitted.predicted_[row, col])
+    fitted.candidates = 1
+    pool = fitted.generate(writer, label, 32, seed=3)  # 32 plain draws of the cell
+    fitted.candidates = 4
+    try:
+        kept = fitted._herd(pool[None], fitted.predicted_[[row], [col]], 8)[0]
+        # Eight distinct candidates, whose mean is nearer the prediction than the first eight's.
+        index = [int(np.flatnonzero((pool == k).all(axis=(1, 2)))[0]) for k in kept]
+        assert len(set(index)) == 8
+
+        def miss(images):
+            with fitted._inference():
+                emb = embed_images(fitted.classifier_, images, "cpu").float().numpy()
+            return float(((emb.mean(0) - target) ** 2).sum())
+
+        assert miss(kept) < miss(pool[:8])
+        drawn = fitted.generate(writer, label, 8, seed=3)
+        assert drawn.shape == (8, 28, 28)
+        np.testing.assert_array_equal(drawn, fitted.generate_cells([(writer, label)], 8, 3)[0])
+    finally:
+        fitted.candidates = CompletionGAN.Config.candidates
+
+
 def test_steps_adapt_to_the_number_of_cells():
     assert auto_steps(4800, 32) == 3000  # femnist_digits
     assert auto_steps(100, 32) == 1000 and auto_steps(140_000, 32) == 10_000

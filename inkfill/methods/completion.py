@@ -238,23 +238,51 @@ class CompletionGAN(_StyleSpace):
 
     def _generate_cells(self, cells, n, seed, rngs=None):
         rngs = rngs or [cell_generator(seed, w, lab) for w, lab in cells]
-        z = torch.cat([torch.randn(n, self.nz, generator=g) for g in rngs])
+        m = n * self.candidates
+        z = torch.cat([torch.randn(m, self.nz, generator=g) for g in rngs])
         rows = np.asarray([self.matrix_.row(w) for w, _ in cells], np.int64)
         cols = np.asarray([self.matrix_.col(lab) for _, lab in cells], np.int64)
-        style = self._styles(self.predicted_[rows, cols], cols).repeat_interleave(n, dim=0)
-        images = self._draw(self.truncation * z, style, torch.as_tensor(cols).repeat_interleave(n))
-        return list(images.reshape(len(cells), n, 28, 28))
+        codes = self.predicted_[rows, cols]
+        style = self._styles(codes, cols).repeat_interleave(m, dim=0)
+        images = self._draw(self.truncation * z, style, torch.as_tensor(cols).repeat_interleave(m))
+        return list(self._herd(images.reshape(len(cells), m, 28, 28), codes, n))
 
     def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
         """n images of `label` in the style of a writer known only from `images` (any labels)."""
         self.check_fitted()
         col = self.matrix_.col(label)
         code = self.regression_.predict(self._reference_codes(images, labels), col, shots=True)
-        style = self._styles(code, np.asarray([col])).expand(n, -1)
+        m = n * self.candidates
+        style = self._styles(code, np.asarray([col])).expand(m, -1)
         z = torch.randn(
-            n, self.nz, generator=torch.Generator().manual_seed(cell_seed(seed, name, label))
+            m, self.nz, generator=torch.Generator().manual_seed(cell_seed(seed, name, label))
         )
-        return self._draw(self.truncation * z, style, torch.full((n,), col))
+        drawn = self._draw(self.truncation * z, style, torch.full((m,), col))
+        return self._herd(drawn[None], code, n)[0]
+
+    def _herd(self, images: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
+        """Keep n of each cell's candidates (C, M, 28, 28): greedily, the image that brings the
+        kept set's mean embedding nearest the cell's predicted prototype (C, k codes). The set is
+        matched as a whole, so its images need not resemble each other, only average right."""
+        if images.shape[1] == n:
+            return images
+        n_cells, m = images.shape[:2]
+        with self._inference():
+            emb = embed_images(self.classifier_, images.reshape(-1, 28, 28), self.device_)
+            emb = emb.float().reshape(n_cells, m, -1)
+            target = torch.from_numpy(self.regression_.embed(codes)).to(emb)
+            total = torch.zeros_like(target)
+            taken = torch.zeros(n_cells, m, dtype=torch.bool, device=emb.device)
+            every = torch.arange(n_cells, device=emb.device)
+            picks = []
+            for k in range(n):
+                miss = ((total[:, None] + emb) / (k + 1) - target[:, None]).square().sum(-1)
+                pick = miss.masked_fill(taken, float("inf")).argmin(1)
+                taken[every, pick] = True
+                total += emb[every, pick]
+                picks.append(pick)
+        order = torch.stack(picks, 1).cpu().numpy() if picks else np.zeros((n_cells, 0), int)
+        return images[np.arange(n_cells)[:, None], order]
 
     # G(z, style, label) in chunks under the inference context: the same as embed-gan's.
     _draw = _PersonalGAN._draw
