@@ -105,7 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--per-cell", type=int, default=16, metavar="N", help="images per cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="OUT.npz")
+    p.add_argument(
+        "--sample", action="append", default=[], metavar="PARAM=VALUE",
+        help="override one of the run's sampling parameters for this fill, e.g. candidates=1 "
+        "(completion-gan: 1 draws ~8x faster than the default 4) or truncation=0.8 (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--complete", action="store_true",
+        help="write the run's real data too, then the fills: the completed dataset (every image "
+        "flagged generated or not; the run, method and seed recorded)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", required=True, metavar="OUT",
+        help="OUT.npz (inkfill's format; streamed, any size), OUT.json (one LEAF json file) or "
+        "OUT/ (a new directory of LEAF json shards, 100 writers each)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data", default=None, metavar="PATH",
+        help="with --complete: the run's training data, if not at the path the run recorded",
+    )  # fmt: skip
     _add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fill)
@@ -255,11 +273,12 @@ def resolve_device(name: str):
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from .data import WriterMatrix, load_dataset
+    from .data import Dataset, WriterMatrix, load_dataset
     from .plots import save_matrix_figure
 
     config = DataConfig(path=args.data, labels=args.labels)
-    matrix = WriterMatrix(load_dataset(config.path, config.labels))
+    data = load_dataset(config.path, config.labels)
+    matrix = WriterMatrix(data)
     s = matrix.summary()
     per = s["images_per_cell"]
     print(f"writers          {s['writers']:,}")
@@ -270,6 +289,13 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"empty cells      {s['empty_cells']:,}")
     print(f"complete writers {s['complete_writers']:,}")
     print(f"images per cell  min {per['min']}  median {per['median']:g}  max {per['max']}")
+    generated = data.generated if data.generated is not None else np.zeros(len(data), bool)
+    if generated.any():
+        cells = len(set(zip(data.writers[generated].tolist(), data.labels[generated].tolist())))
+        method = (data.source or {}).get("method") if isinstance(data.source, dict) else None
+        made = f" by {method}" if method else ""
+        print(f"generated        {generated.sum():,} images in {cells:,} cells{made} "
+              f"(real: {len(data) - generated.sum():,})")  # fmt: skip
     if args.filled and not args.preview:
         raise InkfillError("--filled needs --preview OUT.png")
     if args.preview:
@@ -278,8 +304,14 @@ def cmd_data(args: argparse.Namespace) -> None:
         rng = np.random.default_rng(args.seed)
         filled = {}
         candidates = matrix.writer_ids
+        fills = None
+        if generated.any():  # a completed dataset: its own fills are drawn as fills
+            fills = data.subset(np.flatnonzero(generated))
+            matrix = WriterMatrix(data.subset(np.flatnonzero(~generated)), matrix.label_ids)
         if args.filled:
-            fills = load_dataset(args.filled, labels="all")
+            extra = load_dataset(args.filled, labels="all")
+            fills = extra if fills is None else Dataset.concat([fills, extra])
+        if fills is not None:
             known = set(matrix.writer_ids.tolist())
             for writer, label in sorted(set(zip(fills.writers.tolist(), fills.labels.tolist()))):
                 if writer in known and label in matrix.label_ids:
@@ -505,9 +537,10 @@ def _write_history(path: Path, histories: dict) -> None:
 
 
 def read_cells(path: str) -> list[tuple[str, int]]:
-    """CELLS.csv: a header `writer,label`, then one cell a line."""
+    """CELLS.csv: a header `writer,label`, then one cell a line (UTF-8, with or without the
+    byte-order mark a spreadsheet writes; LF or CRLF line ends)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except FileNotFoundError:
         raise InkfillError(f"{path}: no such file") from None
@@ -540,27 +573,66 @@ def read_cells(path: str) -> list[tuple[str, int]]:
 def cmd_fill(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from .methods import fill, load_run
+    from .methods import load_run, load_run_data
+    from .methods.base import write_fill
 
     if args.per_cell < 1:
         raise InkfillError("--per-cell must be at least 1")
     if args.labels is not None and args.reference is None:
         raise InkfillError("--labels goes with --reference")
+    if args.complete and args.reference is not None:
+        raise InkfillError("--complete goes with --missing or --cells (the run's own writers)")
+    if args.data is not None and not args.complete:
+        raise InkfillError("--data goes with --complete")
     if args.reference is not None:
         return _fill_reference(args)
     cells = None if args.missing else read_cells(args.cells)
     method = load_run(args.run, device=resolve_device(args.device))
+    _apply_sampling(method, args.sample)
     if cells is None:
         cells = method.matrix_.empty_cells()
     else:
         for writer, label in cells:  # unknown ids fail before any work
             method.matrix_.row(writer), method.matrix_.col(label)
+    real = None
+    if args.complete:
+        real = _run_data(load_run_data(args.run, method, args.data), method, args.run)
+    source = {
+        "run": str(Path(args.run).resolve()),
+        "method": method.name,
+        "seed": args.seed,
+        "per_cell": args.per_cell,
+        "inkfill": __version__,
+    }
     start = time.perf_counter()
     with tqdm(total=len(cells), desc="fill", unit="cell", disable=args.no_progress) as bar:
-        filled = fill(method, cells, args.per_cell, seed=args.seed, progress=bar)
+        n = write_fill(args.out, method, cells, args.per_cell, args.seed, bar, real, source)
     seconds = time.perf_counter() - start
-    filled.save(args.out)
-    print(f"{len(filled):,} images for {len(cells):,} cells in {seconds:.2f} s -> {args.out}")
+    what = f"{len(real):,} real + " if real is not None else ""
+    print(f"{what}{len(cells) * args.per_cell:,} generated images for {len(cells):,} cells "
+          f"in {seconds:.2f} s -> {args.out} ({n:,} images)")  # fmt: skip
+
+
+def _run_data(real, method, run):
+    """--complete: the real images of the run's labels, checked to be the data it was fitted on
+    (the same writers and images per cell), or the completed dataset would mix two datasets."""
+    info = method.matrix_
+    real = real.subset(np.flatnonzero(np.isin(real.labels, info.label_ids)))
+    if set(np.unique(real.writers).tolist()) != set(info.writer_ids.tolist()):
+        raise InkfillError(
+            f"--complete: the data's writers are not those {run} was fitted on; "
+            "pass its training data with --data"
+        )
+    counts = np.zeros_like(info.counts)
+    rows = np.asarray([info.row(w) for w in real.writers.tolist()], np.int64)
+    cols = np.asarray([info.col(int(v)) for v in real.labels.tolist()], np.int64)
+    np.add.at(counts, (rows, cols), 1)
+    if not np.array_equal(counts, info.counts):
+        raise InkfillError(
+            f"--complete: the data's cells are not those {run} was fitted on; "
+            "pass its training data with --data"
+        )
+    return real
 
 
 def _fill_reference(args: argparse.Namespace) -> None:
@@ -579,6 +651,7 @@ def _fill_reference(args: argparse.Namespace) -> None:
         if not labels:
             raise InkfillError("--labels: no label given")
     method = load_run(args.run, device=resolve_device(args.device))
+    _apply_sampling(method, args.sample)
     reference = load_dataset(args.reference, "all")
     start = time.perf_counter()
     with tqdm(desc="fill", unit="cell", disable=args.no_progress) as bar:
@@ -603,18 +676,43 @@ def _parse_sets(items: list[str]) -> dict[str, dict]:
         param = param.replace("-", "_")
         if param not in fields:
             raise InkfillError(f"--set {item!r}: {name} has no parameter {param}")
-        kind = type(fields[param].default)
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                typed = value.lower() in ("true", "1")
-            else:
-                typed = kind(value)
-        except ValueError:
-            raise InkfillError(f"--set {item!r}: {value!r} is not a {kind.__name__}") from None
-        out.setdefault(name, {})[param] = typed
+        out.setdefault(name, {})[param] = _typed("--set", item, fields[param], value)
     return out
+
+
+def _typed(flag: str, item: str, field: dataclasses.Field, value: str):
+    """`value` as the type of the Config field's default."""
+    kind = type(field.default)
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        return kind(value)
+    except ValueError:
+        raise InkfillError(f"{flag} {item!r}: {value!r} is not a {kind.__name__}") from None
+
+
+def _apply_sampling(method, items: list[str]) -> None:
+    """fill --sample PARAM=VALUE: change a loaded run's sampling-time parameters (those whose
+    help starts with "sampling:"); anything that would need a refit is refused."""
+    fields = {
+        f.name: f
+        for f in dataclasses.fields(method.Config)
+        if f.metadata.get("help", "").startswith("sampling:")
+    }
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            raise InkfillError(f"--sample {item!r}: expected PARAM=VALUE")
+        if key not in fields:
+            can = ", ".join(sorted(fields)) or "none"
+            raise InkfillError(
+                f"--sample {item!r}: {method.name} samples with {can}; others need a refit"
+            )
+        setattr(method, key, _typed("--sample", item, fields[key], value))
+    _ = method.config  # validated like any fitted parameter
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

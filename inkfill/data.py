@@ -6,8 +6,10 @@ Public images are uint8 (N, 28, 28), 0 = background, 255 = ink, upright; `to_mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -32,35 +34,69 @@ class DataError(InkfillError):
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Aligned arrays as on disk: images uint8 (N, 28, 28), labels int64 (N,), writers str (N,)."""
+    """Aligned arrays as on disk: images uint8 (N, 28, 28), labels int64 (N,), writers str (N,);
+    `generated` bool (N,) where some images are inkfill's fills rather than a writer's own (None:
+    all real), and `source` where they came from (run, method, seed), as written with them."""
 
     images: np.ndarray
     labels: np.ndarray
     writers: np.ndarray
+    generated: np.ndarray | None = None
+    source: dict | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def n_generated(self) -> int:
+        return 0 if self.generated is None else int(self.generated.sum())
+
     def subset(self, index: np.ndarray) -> Dataset:
-        return Dataset(self.images[index], self.labels[index], self.writers[index])
+        generated = None if self.generated is None else self.generated[index]
+        return Dataset(
+            self.images[index], self.labels[index], self.writers[index], generated, self.source
+        )
 
     @staticmethod
     def concat(parts: Sequence[Dataset]) -> Dataset:
+        flagged = any(p.generated is not None for p in parts)
+        generated = (
+            np.concatenate(
+                [p.generated if p.generated is not None else np.zeros(len(p), bool) for p in parts]
+            ).astype(bool)
+            if flagged
+            else None
+        )
         return Dataset(
             np.concatenate([p.images for p in parts]).reshape(-1, IMAGE_SIZE, IMAGE_SIZE),
             np.concatenate([p.labels for p in parts]).astype(np.int64),
             np.concatenate([p.writers for p in parts]).astype(str),
+            generated,
+            next((p.source for p in parts if p.source is not None), None),
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write an npz in the input format, atomically: the file appears whole or not at all."""
-        save_npz(path, images=self.images, labels=self.labels, writers=self.writers)
+        """Write an npz in the input format (a LEAF json file where `path` ends in .json, a
+        directory of LEAF shards where it ends in /), atomically: whole or not at all."""
+        path_s = str(path)
+        if path_s.endswith(("/", os.sep)) or Path(path_s).suffix.lower() == ".json":
+            return save_leaf(self, path_s)
+        arrays = {"images": self.images, "labels": self.labels, "writers": self.writers}
+        if self.generated is not None:
+            arrays["generated"] = self.generated.astype(bool)
+        if self.source is not None:
+            arrays["source"] = np.asarray(json.dumps(self.source, sort_keys=True))
+        save_npz(path, **arrays)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
 
 
 def atomic_path(path: Path) -> Path:
@@ -85,6 +121,62 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class NpzStream:
+    """An npz written as the images arrive, in pieces, so that memory stays flat however many
+    there are: `add(dataset)` appends, `close()` writes the small arrays (labels, writers,
+    generated, source) and moves the file into place; any error or `abort()` leaves nothing.
+    The file is the one `Dataset.save` writes (the same arrays, deflated)."""
+
+    def __init__(self, path: str | os.PathLike, n_images: int, source: dict | None = None):
+        self.path, self.n, self.source = Path(path), int(n_images), source
+        self.tmp = atomic_path(self.path)
+        self._zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True)
+        self._images = self._zip.open("images.npy", "w", force_zip64=True)
+        header = {"descr": "|u1", "fortran_order": False, "shape": (self.n, IMAGE_SIZE, IMAGE_SIZE)}
+        np.lib.format.write_array_header_2_0(self._images, header)
+        self.written = 0
+        self._labels, self._writers, self._generated = [], [], []
+
+    def add(self, part: Dataset) -> None:
+        if self.written + len(part) > self.n:
+            raise ValueError(f"NpzStream: more than the {self.n} images announced")
+        self._images.write(np.ascontiguousarray(part.images, np.uint8).tobytes())
+        self._labels.append(part.labels.astype(np.int64))
+        self._writers.append(part.writers.astype(str))
+        flags = part.generated if part.generated is not None else np.zeros(len(part), bool)
+        self._generated.append(flags.astype(bool))
+        self.written += len(part)
+
+    def close(self) -> None:
+        if self.written != self.n:
+            self.abort()
+            raise ValueError(f"NpzStream: {self.written} images written of {self.n} announced")
+        try:
+            self._images.close()
+            arrays = {
+                "labels": np.concatenate(self._labels or [np.zeros(0, np.int64)]),
+                "writers": np.concatenate(self._writers or [np.zeros(0, str)]),
+                "generated": np.concatenate(self._generated or [np.zeros(0, bool)]),
+            }
+            if self.source is not None:
+                arrays["source"] = np.asarray(json.dumps(self.source, sort_keys=True))
+            for name, array in arrays.items():
+                with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, array, allow_pickle=False)
+            self._zip.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the half-written file."""
+        for closing in (self._images.close, self._zip.close):
+            with contextlib.suppress(Exception):  # already broken (a full disk): it goes anyway
+                closing()
+        self.tmp.unlink(missing_ok=True)
 
 
 def label_name(label: int) -> str:
@@ -151,6 +243,8 @@ def _load_npz(path: Path) -> Dataset:
             raise DataError(f"{path}: missing array {', '.join(missing)} (found: {found})")
         try:
             images, labels, writers = (archive[k] for k in ("images", "labels", "writers"))
+            generated = archive["generated"] if "generated" in archive.files else None
+            source = str(archive["source"]) if "source" in archive.files else None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"{path}: truncated or corrupt npz ({_reason(e)})") from None
     n = len(images) if images.ndim else 0
@@ -164,7 +258,15 @@ def _load_npz(path: Path) -> Dataset:
             f"{path}: mismatched lengths: images {images.shape}, labels {labels.shape}, "
             f"writers {writers.shape}"
         )
-    return Dataset(images, _check_labels(labels, path), _check_writers(writers, path))
+    if generated is not None and (generated.dtype != bool or generated.shape != (n,)):
+        raise DataError(f"{path}: generated must be a bool array of one flag per image")
+    try:
+        source = json.loads(source) if source is not None else None
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: source is not json") from None
+    return Dataset(
+        images, _check_labels(labels, path), _check_writers(writers, path), generated, source
+    )
 
 
 def _check_labels(labels: np.ndarray, where: Path) -> np.ndarray:
@@ -236,15 +338,89 @@ def _read_leaf_json(path: Path) -> list[Dataset]:
         raise DataError(f"{path}: not a LEAF shard (expected keys users, num_samples, user_data)")
     user_data = blob["user_data"]
     users = blob.get("users", list(user_data))
+    source = blob.get("inkfill") if isinstance(blob.get("inkfill"), dict) else None
     parts = []
     for user in users:
         record = user_data.get(user)
         if not isinstance(record, dict) or "x" not in record or "y" not in record:
             raise DataError(f"{path}: user {user}: missing x or y in user_data")
-        parts.append(_leaf_user(record["x"], record["y"], str(user), path))
+        part = _leaf_user(record["x"], record["y"], str(user), path)
+        if "generated" in record:
+            flags = np.asarray(record["generated"])
+            if flags.dtype != bool or flags.shape != (len(part),):
+                raise DataError(f"{path}: user {user}: generated must be one true/false per image")
+            part = Dataset(part.images, part.labels, part.writers, flags, source)
+        parts.append(part)
     if not parts:
         raise DataError(f"{path}: LEAF shard with no users")
     return parts
+
+
+# LEAF pixels as text: 1.0 background, 0.0 full ink, 6 decimals (fixed width, so a whole image
+# is one lookup); reading back rounds (1 - x) * 255 to the same uint8.
+_LEAF_PIXELS = np.array([list(f"{1 - v / 255:.6f},".encode()) for v in range(256)], np.uint8)
+LEAF_SHARD_WRITERS = 100  # writers per shard of a LEAF directory written by inkfill
+
+
+def _leaf_x(images: np.ndarray) -> bytes:
+    """uint8 (n, 28, 28) -> the text of LEAF's x: [[784 floats], ...]."""
+    n = len(images)
+    text = _LEAF_PIXELS[images.reshape(n, -1)].reshape(n, -1)
+    text[:, -1] = ord("]")
+    rows = np.empty((n, text.shape[1] + 2), np.uint8)
+    rows[:, 0], rows[:, 1:-1], rows[:, -1] = ord("["), text, ord(",")
+    return b"[" + rows.tobytes()[:-1] + b"]"
+
+
+def _write_leaf_shard(data: Dataset, path: Path) -> None:
+    """One LEAF json file (users, num_samples, user_data{x, y[, generated]}), atomically."""
+    writers, first, inverse = np.unique(data.writers, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # users in order of appearance
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            users = [str(writers[k]) for k in order]
+            members = [np.flatnonzero(inverse == k) for k in order]
+            f.write(b'{"users": ' + json.dumps(users).encode())
+            f.write(b', "num_samples": ' + json.dumps([len(m) for m in members]).encode())
+            if data.source is not None:
+                f.write(b', "inkfill": ' + json.dumps(data.source, sort_keys=True).encode())
+            f.write(b', "user_data": {')
+            for k, (user, idx) in enumerate(zip(users, members)):
+                f.write((", " if k else "").encode() + json.dumps(user).encode() + b': {"x": ')
+                f.write(_leaf_x(data.images[idx]))
+                f.write(b', "y": ' + json.dumps(data.labels[idx].tolist()).encode())
+                if data.generated is not None:
+                    f.write(b', "generated": ' + json.dumps(data.generated[idx].tolist()).encode())
+                f.write(b"}")
+            f.write(b"}}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_leaf(data: Dataset, path: str | os.PathLike) -> None:
+    """Write `data` as LEAF writes FEMNIST: one json file (PATH.json), or a directory of shards
+    of 100 writers each (PATH/, which must not exist yet; made whole under a temporary name)."""
+    path_s = str(path)
+    if not path_s.endswith(("/", os.sep)):
+        return _write_leaf_shard(data, Path(path_s))
+    out = Path(path_s)
+    if out.exists():
+        raise DataError(f"{out}: already exists; a LEAF directory is written only as a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a plain mkdir would not
+        writers = np.unique(data.writers)
+        for k, start in enumerate(range(0, len(writers), LEAF_SHARD_WRITERS)):
+            mine = np.isin(data.writers, writers[start : start + LEAF_SHARD_WRITERS])
+            _write_leaf_shard(data.subset(np.flatnonzero(mine)), tmp / f"all_data_{k}.json")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _leaf_user(x, y, user: str, path: Path) -> Dataset:

@@ -323,3 +323,80 @@ def test_dry_run_prints_the_resolved_config(tiny_npz, tmp_path, capsys):
     assert code == 0 and resolved["params"]["generator"] == "conditional"
     assert resolved["params"]["n_clusters"] == 7
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", ["done.npz", "done.json", "done/"])
+def test_fill_complete_writes_real_plus_flagged_fills(tiny_run, tmp_path, capsys, name):
+    run, out = tiny_run / "run", str(tmp_path / name)
+    code, text, err = run_cli(
+        capsys, "fill", "--run", run, "--missing", "--complete", "--per-cell", 2, "--out", out,
+        "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    real = load_dataset(tiny_run / "tiny.npz")
+    done = load_dataset(out)
+    info = json.loads((run / "matrix.json").read_text())
+    n_empty = sum(c == 0 for row in info["counts"] for c in row)
+    assert len(done) == len(real) + 2 * n_empty and done.n_generated == 2 * n_empty
+    assert done.source["method"] == "cluster-gan" and done.source["seed"] == 0
+    # The real part is the run's data, image for image; no generated image sits in an observed cell.
+    mine = ~done.generated
+    key = lambda d, m: sorted(zip(d.writers[m], d.labels[m], map(bytes, d.images[m])))  # noqa: E731
+    assert key(done, mine) == key(real, np.ones(len(real), bool))
+    observed = set(zip(real.writers.tolist(), real.labels.tolist()))
+    assert not observed & set(zip(done.writers[~mine].tolist(), done.labels[~mine].tolist()))
+    code, text, _ = run_cli(capsys, "data", "--data", out, "--preview", tmp_path / "p.png")
+    assert code == 0 and f"generated        {2 * n_empty:,} images" in text
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_fill_streams_and_refuses_what_the_disk_cannot_hold(tiny_run, tmp_path, capsys):
+    import inkfill.methods.base as base
+
+    run = tiny_run / "run"
+    code, _, err = run_cli(capsys, "fill", "--run", run, "--missing", "--per-cell", 10**12,
+                           "--out", tmp_path / "huge.npz", "--no-progress")  # fmt: skip
+    assert code == 2 and "GB free" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+    code, _, err = run_cli(capsys, "fill", "--run", run, "--missing", "--per-cell", 10**9,
+                           "--out", tmp_path / "huge.json", "--no-progress")  # fmt: skip
+    assert code == 2 and "write an .npz" in err
+    # Cells bigger than one generator call come in pieces; the first piece is the plain draw.
+    old = base.FILL_IMAGES
+    base.FILL_IMAGES = 5
+    try:
+        code, _, _ = run_cli(capsys, "fill", "--run", run, "--missing", "--per-cell", 12,
+                             "--out", tmp_path / "pieces.npz", "--no-progress")  # fmt: skip
+    finally:
+        base.FILL_IMAGES = old
+    assert code == 0
+    pieces = load_dataset(tmp_path / "pieces.npz")
+    run_cli(capsys, "fill", "--run", run, "--missing", "--per-cell", 5,
+            "--out", tmp_path / "five.npz", "--no-progress")  # fmt: skip
+    five = load_dataset(tmp_path / "five.npz")
+    assert len(pieces) == 12 * len(five) // 5 and pieces.generated.all()
+    np.testing.assert_array_equal(pieces.images[:5], five.images[:5])
+    assert not np.array_equal(pieces.images[5:10], five.images[:5])
+
+
+def test_cells_csv_from_a_spreadsheet_and_sampling_overrides(tiny_run, tmp_path, capsys):
+    run = tiny_run / "run"
+    info = json.loads((run / "matrix.json").read_text())
+    r, c = next((r, c) for r, row in enumerate(info["counts"]) for c, n in enumerate(row) if not n)
+    cells = tmp_path / "cells.csv"
+    line = f"{info['writer_ids'][r]},{info['label_ids'][c]}"
+    cells.write_bytes(b"\xef\xbb\xbfwriter,label\r\n" + line.encode() + b"\r\n")  # BOM, CRLF
+    out = tmp_path / "o.npz"
+    code, _, err = run_cli(capsys, "fill", "--run", run, "--cells", cells, "--per-cell", 3,
+                           "--out", out, "--sample", "truncation=0.5")  # fmt: skip
+    assert code == 0, err
+    assert len(load_dataset(out)) == 3
+    for bad, words in (("steps=3", "need a refit"), ("truncation=x", "not a float"),
+                       ("truncation", "PARAM=VALUE"), ("truncation=-1", "truncation")):  # fmt: skip
+        code, _, err = run_cli(capsys, "fill", "--run", run, "--cells", cells,
+                               "--out", tmp_path / "x.npz", "--sample", bad)  # fmt: skip
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (bad, err)
+    code, _, err = run_cli(capsys, "fill", "--run", run, "--missing", "--complete",
+                           "--data", tmp_path / "o.npz", "--out", tmp_path / "x.npz")  # fmt: skip
+    assert code == 2 and "not those" in err
+    assert not (tmp_path / "x.npz").exists()

@@ -6,6 +6,7 @@ from conftest import make_dataset, write_leaf
 from inkfill.data import (
     DataError,
     Dataset,
+    NpzStream,
     WriterMatrix,
     leaf_shards,
     load_dataset,
@@ -128,3 +129,65 @@ def test_real_leaf_matches_npz(real_leaf, real_all):
             np.abs(mine.transpose(0, 2, 1)[:, None] - theirs[None]).mean(axis=(2, 3)).min(axis=1)
         )
         assert flipped.mean() > 3.0
+
+
+def _flagged(data: Dataset) -> Dataset:
+    flags = np.arange(len(data)) % 3 == 0
+    return Dataset(data.images, data.labels, data.writers, flags, {"run": "r", "seed": 7})
+
+
+def _by_writer(data: Dataset) -> np.ndarray:
+    return np.lexsort((np.arange(len(data)), data.writers))
+
+
+@pytest.mark.parametrize("name", ["out.npz", "out.json", "out/"])
+def test_generated_flags_and_source_round_trip_in_every_format(tiny, tmp_path, name):
+    data = _flagged(tiny)
+    data.save(str(tmp_path / name))
+    back = load_dataset(tmp_path / name)
+    a, b = _by_writer(data), _by_writer(back)  # LEAF groups a writer's images together
+    np.testing.assert_array_equal(back.images[b], data.images[a])  # byte-identical pixels
+    np.testing.assert_array_equal(back.labels[b], data.labels[a])
+    np.testing.assert_array_equal(back.writers[b], data.writers[a])
+    np.testing.assert_array_equal(back.generated[b], data.generated[a])
+    assert back.source == {"run": "r", "seed": 7} and back.n_generated == data.n_generated
+
+
+def test_leaf_export_is_leaf_shaped(tiny, tmp_path):
+    import json
+
+    Dataset(tiny.images, tiny.labels, tiny.writers).save(str(tmp_path / "leaf") + "/")
+    shards = sorted((tmp_path / "leaf").glob("*.json"))
+    assert [p.name for p in shards] == ["all_data_0.json"]  # 12 writers: one shard of <= 100
+    blob = json.loads(shards[0].read_text())
+    assert set(blob) == {"users", "num_samples", "user_data"}  # no flags when all are real
+    user = blob["users"][0]
+    x = np.asarray(blob["user_data"][user]["x"])
+    assert x.shape == (blob["num_samples"][0], 784) and x.max() == 1.0  # background 1.0
+    assert load_dataset(tmp_path / "leaf").generated is None
+    with pytest.raises(DataError, match="already exists"):
+        tiny.save(str(tmp_path / "leaf") + "/")
+
+
+def test_npz_stream_writes_what_save_writes_and_nothing_on_failure(tiny, tmp_path):
+    data = _flagged(tiny)
+    stream = NpzStream(tmp_path / "s.npz", len(data), data.source)
+    for start in range(0, len(data), 7):
+        stream.add(data.subset(np.arange(start, min(start + 7, len(data)))))
+    stream.close()
+    back = load_dataset(tmp_path / "s.npz")
+    np.testing.assert_array_equal(back.images, data.images)
+    np.testing.assert_array_equal(back.generated, data.generated)
+    assert back.source == data.source and list(tmp_path.iterdir()) == [tmp_path / "s.npz"]
+    short = NpzStream(tmp_path / "t.npz", len(data) + 1)
+    short.add(data)
+    with pytest.raises(ValueError, match="announced"):
+        short.close()
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.npz"]  # no half-written file
+
+
+def test_a_bad_generated_flag_is_a_clear_error(tiny, tmp_path):
+    np.savez(tmp_path / "x.npz", images=tiny.images, labels=tiny.labels, writers=tiny.writers,
+             generated=np.zeros(3, bool))  # fmt: skip
+    with pytest.raises(DataError, match="generated must be a bool array"):
+        load_dataset(tmp_path / "x.npz")

@@ -11,7 +11,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import Checkpoints, Loop
 from ..config import InkfillError
-from ..data import Cell, DataError, Dataset, WriterMatrix, atomic_path
+from ..data import Cell, DataError, Dataset, NpzStream, WriterMatrix, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MATRIX_FILE = "matrix.json"
 FILL_CHUNK = 256  # cells per generate_cells call in fill(): big batches, a live progress bar
+FILL_IMAGES = 16_384  # images per generate_cells call at most: memory flat at any --per-cell
 
 
 class NotFittedError(InkfillError):
@@ -287,10 +289,24 @@ class Method:
 def fill(
     method: Method, cells: Sequence[Cell], per_cell: int, seed: int = 0, progress=None
 ) -> Dataset:
-    """Generate `per_cell` images for each requested empty cell, as a Dataset in the input format.
+    """Generate `per_cell` images for each requested empty cell, as a Dataset in the input format
+    (every image flagged generated). Observed cells are refused: imputation never alters (or
+    adds to) what was observed. For more images than memory holds, `write_fill` streams them."""
+    parts = list(fill_parts(method, cells, per_cell, seed, progress))
+    if not parts:
+        empty = np.zeros(0, bool)
+        return Dataset(
+            np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), np.zeros(0, str), empty
+        )
+    return Dataset.concat(parts)
 
-    Observed cells are refused: imputation never alters (or adds to) what was observed.
-    """
+
+def fill_parts(
+    method: Method, cells: Sequence[Cell], per_cell: int, seed: int = 0, progress=None
+) -> Iterator[Dataset]:
+    """fill()'s images a piece at a time, each piece at most FILL_IMAGES images: whole cells in
+    batches (up to FILL_CHUNK cells), or one cell in pieces where a cell alone is more (piece k > 0
+    of a cell is drawn with its own seed)."""
     method.check_fitted()
     info = method.matrix_
     for writer, label in cells:
@@ -298,16 +314,94 @@ def fill(
             raise DataError(
                 f"cell ({writer}, {label}) is observed in the data; only empty cells are filled"
             )
-    parts = []
-    for start in range(0, len(cells), FILL_CHUNK):
-        chunk = cells[start : start + FILL_CHUNK]
-        for (writer, label), images in zip(chunk, method.generate_cells(chunk, per_cell, seed)):
-            parts.append(Dataset(images, np.full(len(images), label), np.full(len(images), writer)))
+
+    def part(images, writer, label):
+        n = len(images)
+        return Dataset(images, np.full(n, label), np.full(n, writer), np.ones(n, bool))
+
+    if per_cell <= FILL_IMAGES:
+        step = max(1, min(FILL_CHUNK, FILL_IMAGES // max(per_cell, 1)))
+        for start in range(0, len(cells), step):
+            chunk = cells[start : start + step]
+            for (writer, label), images in zip(chunk, method.generate_cells(chunk, per_cell, seed)):
+                yield part(images, writer, label)
+            if progress is not None:
+                progress.update(len(chunk))
+        return
+    for writer, label in cells:
+        for k, start in enumerate(range(0, per_cell, FILL_IMAGES)):
+            n = min(FILL_IMAGES, per_cell - start)
+            piece_seed = seed if k == 0 else cell_seed(seed, "piece", k)
+            yield part(method.generate_cells([(writer, label)], n, piece_seed)[0], writer, label)
         if progress is not None:
-            progress.update(len(chunk))
-    if not parts:
-        return Dataset(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), np.zeros(0, str))
-    return Dataset.concat(parts)
+            progress.update(1)
+
+
+LEAF_MAX_IMAGES = 2_000_000  # a LEAF json is built in memory (~1.6 GB of images at most)
+
+
+def is_leaf_path(path: str | os.PathLike) -> bool:
+    """A LEAF json file (.json) or a directory of LEAF shards (ends in /) rather than an npz."""
+    path = str(path)
+    return path.endswith(("/", os.sep)) or Path(path).suffix.lower() == ".json"
+
+
+def write_fill(
+    out: str | os.PathLike,
+    method: Method,
+    cells: Sequence[Cell],
+    per_cell: int,
+    seed: int = 0,
+    progress=None,
+    real: Dataset | None = None,
+    source: dict | None = None,
+) -> int:
+    """fill() straight to `out` (npz, LEAF .json or LEAF directory/), after `real` images when
+    given (the completed dataset); every image flagged generated or not. An npz is streamed, so
+    memory stays flat at any per_cell; a request larger than the free disk is refused before any
+    work, and an error midway leaves no file. Returns the number of images written."""
+    n = len(cells) * per_cell + (len(real) if real is not None else 0)
+    leaf = is_leaf_path(out)
+    if leaf and n > LEAF_MAX_IMAGES:
+        raise InkfillError(
+            f"{out}: {n:,} images is more than a LEAF json is written for "
+            f"({LEAF_MAX_IMAGES:,}, built in memory); write an .npz, which is streamed"
+        )
+    # Upper bounds: an npz holds at most the raw bytes; LEAF text takes 9 bytes a pixel.
+    check_free_space(out, n * (28 * 28 * 9 + 64 if leaf else 28 * 28 + 64))
+    if leaf:
+        parts = ([real] if real is not None else []) + list(
+            fill_parts(method, cells, per_cell, seed, progress)
+        )
+        if not parts:
+            raise InkfillError("nothing to write: no cells and no real images")
+        done = Dataset.concat(parts)
+        dataclasses.replace(done, source=source).save(out)
+        return len(done)
+    stream = NpzStream(out, n, source)
+    try:
+        if real is not None:
+            stream.add(real)
+        for part in fill_parts(method, cells, per_cell, seed, progress):
+            stream.add(part)
+        stream.close()
+    except BaseException:
+        stream.abort()
+        raise
+    return n
+
+
+def check_free_space(out: str | os.PathLike, needed: int) -> None:
+    """Refuse, before any work, to write up to `needed` bytes where less is free."""
+    where = Path(out).expanduser().absolute().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise InkfillError(
+            f"{out}: this fill needs up to {needed / 1e9:,.1f} GB and {where} has "
+            f"{free / 1e9:,.1f} GB free; ask for fewer images (--per-cell) or write elsewhere"
+        )
 
 
 def save_generator_figures(method: Method, matrix: WriterMatrix, out_dir: Path) -> None:
@@ -368,7 +462,8 @@ def fill_new_writers(
             images = method.generate_from_reference(
                 reference.images[mine], reference.labels[mine], label, per_cell, seed, writer
             )
-            parts.append(Dataset(images, np.full(len(images), label), np.full(len(images), writer)))
+            n = len(images)
+            parts.append(Dataset(images, np.full(n, label), np.full(n, writer), np.ones(n, bool)))
             if progress is not None:
                 progress.update(1)
     if not parts:
