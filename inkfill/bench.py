@@ -24,9 +24,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import metrics
+from .cas import TrainOnFills
 from .completion import PrototypeRegression, cell_prototypes
 from .config import BenchConfig, FeatureConfig, InkfillError
-from .data import Dataset, HiddenCell, WriterMatrix, atomic_path, to_model
+from .data import Dataset, HiddenCell, WriterMatrix, atomic_path, file_mode, to_model
 from .methods import fill, method_class, reference_methods
 from .methods.base import write_json
 from .models import FeatureNet
@@ -36,6 +37,7 @@ from .train import train_feature_net
 log = logging.getLogger(__name__)
 
 FEATURE_VERSION = 1  # bump when FeatureNet or its training changes, to invalidate caches
+CAS_SEED = 1_000_003  # the train-on-fills backbone: the judge's recipe with another seed
 
 
 def cache_dir() -> Path:
@@ -133,6 +135,7 @@ def train_judge(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
     write_json(path.with_suffix(".json"), history)
     return Judge(net, matrix.label_ids, device), {**history, "cached": False}
@@ -321,6 +324,24 @@ def run_bench(
     scorer = Scorer(reduced, hidden, reference, judge, config.seed)
     cells = [(h.writer, h.label) for h in hidden]
 
+    cas = None
+    if config.cas and not new:
+        start = time.perf_counter()
+        backbone, _ = train_judge(
+            reduced, train_index, feature_config, config.seed + CAS_SEED, device, progress
+        )
+        cas = TrainOnFills(
+            reduced,
+            np.asarray([reduced.row(h.writer) for h in hidden]),
+            np.asarray([reduced.col(h.label) for h in hidden]),
+            [b for _, b in scorer.halves],
+            backbone.net,
+            train_index,
+            reference,
+            config.seed,
+            device,
+        )
+        echo(f"train-on-fills backbone ready ({time.perf_counter() - start:.0f} s)")
     rows = {"ceiling (real)": scorer.ceiling()}
     rows["predicted"] = scorer.rank_rows(scorer.predicted())
     echo(f"predicted (the cell's prototype regressed from the writer's other cells, no "
@@ -345,6 +366,9 @@ def run_bench(
         ]
         row = scorer.score(fills[name])
         row.update(fit_seconds=fit_s, fill_seconds=fill_s)
+        if cas is not None:
+            start = time.perf_counter()
+            row.update(cas.score(fills[name]), cas_seconds=time.perf_counter() - start)
         if hasattr(method, "cluster_check"):
             check = method.cluster_check(reduced)["labels"]
             row["cluster_share"] = float(np.mean([r["generated_share"] for r in check]))
@@ -354,6 +378,8 @@ def run_bench(
              f"label acc {row['label_accuracy']:.3f}, FID {row['fid']:.2f} "
              f"(fit {fit_s:.0f} s, fill {fill_s:.2f} s)")  # fmt: skip
 
+    if cas is not None:
+        _cas_references(rows, cas, scorer, fills)
     results = {
         "config": asdict(config),
         "feature_config": asdict(feature_config),
@@ -376,13 +402,40 @@ def run_bench(
         out_dir / "figures" / "hidden_cells.png",
     )
     save_bar_chart(
-        {name: row["mrr"] for name, row in rows.items() if name != "ceiling (real)"},
+        {
+            name: row["mrr"]
+            for name, row in rows.items()
+            if name != "ceiling (real)" and "mrr" in row
+        },
         out_dir / "figures" / "mrr.png",
         ceiling=rows["ceiling (real)"]["mrr"],
         chance=rows["ceiling (real)"]["chance_mrr"],
         ylabel="writer-retrieval MRR",
     )
+    if cas is not None:
+        save_bar_chart(
+            {name: row["writer_cas_top1"] for name, row in rows.items() if name in fills},
+            out_dir / "figures" / "writer_cas.png",
+            ceiling=rows["ceiling (real)"]["writer_cas_top1"],
+            chance=rows["no fill"]["writer_cas_top1"],
+            ylabel="writer CAS top-1 (train on fills)",
+            ceiling_label="real half A as fills",
+            chance_label="no fill",
+        )
     return results
+
+
+def _cas_references(rows: dict, cas: TrainOnFills, scorer: Scorer, fills: dict) -> None:
+    """The rows the train-on-fills scores are read against: no fills at all, the real half A of
+    each hidden cell as the fills (the ceiling), as many real images of other cells as the fills
+    (label CAS), and the shared label head before fine-tuning."""
+    rows["ceiling (real)"].update(cas.score([a for a, _ in scorer.halves]))
+    rows["ceiling (real)"].pop("label_cas")  # half A is fewer images than a fill: not comparable
+    rows["no fill"] = cas.score(None)
+    rows["no fill"]["shared_missing_acc"] = cas.shared()["personal_missing_acc"]
+    rows["no fill"]["shared_other_acc"] = cas.shared()["personal_other_acc"]
+    if fills:
+        rows["no fill"]["label_cas_real"] = cas.label_cas_real(next(iter(fills.values())))
 
 
 def _fill_new(method, hidden: list[HiddenCell], per_cell: int, seed: int) -> Dataset:
@@ -427,6 +480,8 @@ def results_markdown(results: dict) -> str:
         "|---|" + "---:|" * len(COLUMNS),
     ]
     for name, row in rows.items():
+        if name == "no fill":
+            continue
         cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     checks = [(n, r) for n, r in rows.items() if "cluster_share" in r]
@@ -448,4 +503,51 @@ def results_markdown(results: dict) -> str:
             f"{name} cluster check: generated share {row['cluster_share']:.3f}, "
             f"real images {row['cluster_share_real']:.3f}."
         )
+    if "no fill" in rows:
+        lines += cas_markdown(rows)
     return "\n".join(lines) + "\n"
+
+
+CAS_COLUMNS = [
+    ("writer_cas_top1", "writer CAS top-1", "{:.3f}"),
+    ("writer_cas_top5", "writer CAS top-5", "{:.3f}"),
+    ("label_cas", "label CAS", "{:.3f}"),
+    ("personal_missing_acc", "personal: missing label", "{:.3f}"),
+    ("personal_other_acc", "personal: other labels", "{:.3f}"),
+    ("cas_seconds", "s", "{:.0f}"),
+]
+
+
+def cas_markdown(rows: dict) -> list[str]:
+    """The train-on-fills table and its legend."""
+    none = rows["no fill"]
+    lines = [
+        "",
+        "## Train on fills, test on real",
+        "",
+        "| fills | " + " | ".join(title for _, title, _ in CAS_COLUMNS) + " |",
+        "|---|" + "---:|" * len(CAS_COLUMNS),
+    ]
+    order = ["no fill", "ceiling (real)"] + [n for n in rows if n not in ("no fill", "predicted")]
+    for name in dict.fromkeys(order):
+        row = rows[name]
+        if "writer_cas_top1" not in row:
+            continue
+        label = {"ceiling (real)": "real (half A of the cell)"}.get(name, name)
+        cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in CAS_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Writer CAS: a linear writer classifier on a frozen CNN (the judge's recipe, another "
+        "seed), trained on the reduced data plus the row's fills of the hidden cells, tested on "
+        "half B of the real hidden cells (which writer wrote this?). Label CAS: a small CNN "
+        "trained from scratch on the fills alone, tested on 5,000 real images of other cells; "
+        "the same CNN on as many real images of the same labels scores "
+        f"{none.get('label_cas_real', float('nan')):.3f}. Personalization: per writer with a "
+        "hidden cell, the shared label head fine-tuned on half of the writer's own images plus the "
+        "fills, tested on the hidden cell's half B (missing label) and on the writer's other "
+        "half (other labels); before fine-tuning the shared head scores "
+        f"{none.get('shared_missing_acc', float('nan')):.3f} / "
+        f"{none.get('shared_other_acc', float('nan')):.3f}.",
+    ]
+    return lines

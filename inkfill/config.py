@@ -174,6 +174,11 @@ class BenchConfig:
         0, "instead of hiding cells, leave this many whole writers out of training"
     )
     shots: int = param(5, "with --new-writers: images of other labels given of each new writer")
+    cas: bool = param(
+        True,
+        "train on fills, test on real: writer CAS, label CAS and personalization of every row "
+        "(hidden cells only; ~3 min once for the backbone, then ~30 s a method)",
+    )
 
     def __post_init__(self):
         if self.hidden_cells < 1 or self.per_cell < 2:

@@ -218,9 +218,10 @@ def save_hidden_cells(
 
 def save_bar_chart(
     values: Mapping[str, float], path: str | os.PathLike, ceiling: float | None = None,
-    chance: float | None = None, ylabel: str = "",
+    chance: float | None = None, ylabel: str = "", ceiling_label: str = "real ceiling",
+    chance_label: str = "chance",
 ) -> None:  # fmt: skip
-    """One bar per method, with the real ceiling and chance marked as lines."""
+    """One bar per method, with the real ceiling and chance (or other references) as lines."""
     fig = Figure(figsize=(1.1 * len(values) + 2, 3.2), layout="constrained")
     ax = fig.add_subplot()
     names = list(values)
@@ -228,9 +229,11 @@ def save_bar_chart(
     for i, n in enumerate(names):
         ax.text(i, values[n], f"{values[n]:.3f}", ha="center", va="bottom", fontsize=8)
     if ceiling is not None:
-        ax.axhline(ceiling, color="tab:green", ls="--", lw=1, label=f"real ceiling {ceiling:.3f}")
+        ax.axhline(
+            ceiling, color="tab:green", ls="--", lw=1, label=f"{ceiling_label} {ceiling:.3f}"
+        )
     if chance is not None:
-        ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance {chance:.3f}")
+        ax.axhline(chance, color="grey", ls=":", lw=1, label=f"{chance_label} {chance:.3f}")
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", labelsize=8, rotation=20)
     ax.legend(fontsize=8)

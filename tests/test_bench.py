@@ -56,9 +56,22 @@ def test_bench_runs_end_to_end_and_is_reproducible(tmp_path):
         "retrieval",
         "linear",
         "cluster-gan",
+        "no fill",
     ]
     md = results_markdown(first)
-    assert md.count("\n| ") == 7 and "ceiling (real)" in md and "| predicted |" in md
+    assert md.count("\n| ") == 7 + 7 and "ceiling (real)" in md and "| predicted |" in md
+    assert "## Train on fills, test on real" in md and "| real (half A of the cell) |" in md
+    # Train on fills: every row scored, the no-fill reference beside them.
+    none = first["rows"]["no fill"]
+    for name in ("no fill", "ceiling (real)", "generic", "retrieval", "linear", "cluster-gan"):
+        row = first["rows"][name]
+        for key in ("writer_cas_top1", "writer_cas_top5", "personal_missing_acc"):
+            assert 0 <= row[key] <= 1, (name, key)
+        assert row["writer_cas_top1"] <= row["writer_cas_top5"]
+    for name in ("generic", "retrieval", "linear", "cluster-gan"):
+        assert 0 <= first["rows"][name]["label_cas"] <= 1
+    assert 0 <= none["label_cas_real"] <= 1 and 0 <= none["shared_missing_acc"] <= 1
+    first["rows"].pop("no fill")
     predicted = first["rows"].pop("predicted")  # a prototype, no images: ranks only
     assert 0 < predicted["mrr"] <= 1 and len(predicted["ranks"]) == 5 and "fid" not in predicted
     for row in first["rows"].values():
@@ -73,6 +86,7 @@ def test_bench_runs_end_to_end_and_is_reproducible(tmp_path):
         "results.json",
         "figures/hidden_cells.png",
         "figures/mrr.png",
+        "figures/writer_cas.png",
         "fills/linear.npz",
     ):
         assert (tmp_path / "a" / name).exists(), name
@@ -80,6 +94,8 @@ def test_bench_runs_end_to_end_and_is_reproducible(tmp_path):
     second = _bench(tmp_path, "b")  # judge now comes from the cache: same numbers
     assert second["judge"]["cached"] and not first["judge"]["cached"]
     assert second["rows"].pop("predicted") == predicted
+    second_none = second["rows"].pop("no fill")
+    assert _strip_times({"n": second_none}) == _strip_times({"n": none})
     assert _strip_times(first["rows"]) == _strip_times(second["rows"])
 
 
@@ -123,3 +139,9 @@ def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits, tmp_path
     assert rows["predicted"]["mrr"] > 3 * generic["mrr"]
     assert ceiling["diversity_ratio"] == 1.0 and 0.5 < generic["diversity_ratio"] < 3
     assert len(load_dataset(tmp_path / "real" / "fills" / "generic.npz")) == 60 * 8
+    # Train on fills: the real half A of a hidden cell teaches the probe that writer's label
+    # (far above no fill); generic fills teach labels but not the writer.
+    none = rows["no fill"]
+    assert ceiling["writer_cas_top1"] > 3 * none["writer_cas_top1"]
+    assert rows["generic"]["writer_cas_top1"] < ceiling["writer_cas_top1"]
+    assert rows["generic"]["label_cas"] > 0.8 and none["label_cas_real"] > 0.8
