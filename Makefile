@@ -9,9 +9,9 @@ export INKFILL_DATA ?= $(DATA)
 
 .PHONY: demo test lint format clean browser
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
 # The main job on the bundled FEMNIST digits: fit, fill every empty cell, draw what was filled.

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import InkfillError
-from .data import atomic_path
+from .data import atomic_path, file_mode
 
 CURRENT = "current.safetensors"
 
@@ -44,6 +44,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     tmp = atomic_path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     save_file(tensors, str(tmp), metadata={"inkfill": json.dumps(meta)})
+    os.chmod(tmp, file_mode())  # safetensors writes 0600; a run is read like its other files
     os.replace(tmp, path)
 
 

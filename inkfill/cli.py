@@ -19,6 +19,13 @@ import numpy as np
 from . import __version__, distributed
 from .config import BenchConfig, DataConfig, FeatureConfig, InkfillError
 
+NO_PROGRESS_HELP = (
+    "no progress bars; when stderr is not a terminal (a log file, CI, nohup) the bars redraw at "
+    "most every 30 s anyway (TQDM_MININTERVAL overrides)"
+)
+QUIET_LOG_INTERVAL = "30"  # seconds between progress redraws written to a file
+
+
 log = logging.getLogger("inkfill")
 FIGURE_LEVELS = ("none", "some", "all")
 
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of everything random (default 0)")
     _add_device_arg(p)
     p.add_argument("--figures", choices=FIGURE_LEVELS, default="all", help="which figures to draw")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     _add_method_args(p, METHODS)
@@ -125,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --complete: the run's training data, if not at the path the run recorded",
     )  # fmt: skip
     _add_device_arg(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_fill)
 
     p = sub.add_parser("bench", help="hide whole cells, fit methods on the rest, score their fills")
@@ -138,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method's hyperparameter, e.g. cluster-gan.generator=conditional (repeatable)",
     )  # fmt: skip
     _add_device_arg(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.set_defaults(func=cmd_bench)
 
@@ -363,10 +370,7 @@ FIT_ARGS = "fit_args.json"
 
 
 def _fit(args: argparse.Namespace, resuming: bool) -> None:
-    from .checkpoint import Checkpoints
-    from .data import WriterMatrix, load_dataset, resolve_data_path
-    from .methods import METHODS, method_class
-    from .methods.base import write_json
+    from .methods import method_class
 
     cls = method_class(args.method)
     method = cls(**_method_params(args, cls))
@@ -381,6 +385,50 @@ def _fit(args: argparse.Namespace, resuming: bool) -> None:
         print(json.dumps(resolved, indent=1))
         return
     partial = _partial(out)
+    lock = contextlib.nullcontext()
+    if int(os.environ.get("RANK", "0")) == 0:  # one process per run: torchrun's rank 0 holds it
+        lock = _fit_lock(out)
+    with lock:
+        return _fit_locked(args, resuming, cls, method, out, partial)
+
+
+@contextlib.contextmanager
+def _fit_lock(out: Path):
+    """Hold .RUN.lock while a fit of RUN runs: a second fit or --resume of the same run stops
+    with one line instead of racing the first. The lock is the kernel's (flock), so a fit that was
+    killed leaves nothing stale: the next one takes it over."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = out.parent / f".{out.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise InkfillError(
+                f"{out} is being fitted by process {pid}; wait for it or stop it"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _fit_locked(args, resuming, cls, method, out, partial) -> None:
+    from .checkpoint import Checkpoints
+    from .data import WriterMatrix, load_dataset, resolve_data_path
+    from .methods import METHODS
+    from .methods.base import write_json
+
     if not resuming:
         _check_out(out, args.overwrite)
         if partial.exists() and not args.overwrite:
@@ -804,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[console]
     )
     _set_threads()
+    if not sys.stderr.isatty():  # a log file gets a redraw every 30 s, not thousands of them
+        os.environ.setdefault("TQDM_MININTERVAL", QUIET_LOG_INTERVAL)
     try:
         args.func(args)
     except InkfillError as e:

@@ -95,7 +95,8 @@ def _umask() -> int:
     return mask
 
 
-def _umask_mode() -> int:
+def file_mode() -> int:
+    """The mode of a newly created file under the current umask (0644 under umask 022)."""
     return 0o666 & ~_umask()
 
 
@@ -106,7 +107,7 @@ def atomic_path(path: Path) -> Path:
         prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent
     )
     os.close(fd)
-    os.chmod(tmp, _umask_mode())
+    os.chmod(tmp, file_mode())
     return Path(tmp)
 
 

@@ -289,11 +289,18 @@ def random_shift(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
     """Mean structural similarity (Wang et al. 2004) of two image batches (B, 1, H, W) in [0, 1],
-    with a Gaussian window; differentiable, so 1 - ssim serves as a loss."""
+    with a Gaussian window; differentiable, so 1 - ssim serves as a loss. Computed in float32
+    whatever the autocast: the variances E[x^2] - E[x]^2 cancel catastrophically in bf16 (and
+    turned collagan's loss to -inf)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssim(x.float(), y.float(), window, sigma)
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     g = torch.arange(window, device=x.device, dtype=torch.float32) - (window - 1) / 2
     g = torch.exp(-(g**2) / (2 * sigma**2))
     g = g / g.sum()
-    kernel = (g[:, None] * g[None, :])[None, None].to(x.dtype)  # (1, 1, w, w)
+    kernel = (g[:, None] * g[None, :])[None, None]  # (1, 1, w, w)
 
     def blur(t):
         return F.conv2d(t, kernel, padding=window // 2)

@@ -112,6 +112,11 @@ def test_kill_9_then_resume_matches_an_uninterrupted_fit(tiny_npz, tmp_path):
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the fit ended before it could be killed"
+    # While it runs, a second fit or resume of the same run is refused, not raced.
+    r = subprocess.run([*cmd, "fit", "--resume", str(run)], env=env, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and f"being fitted by process {proc.pid}" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not run.exists()
@@ -121,6 +126,11 @@ def test_kill_9_then_resume_matches_an_uninterrupted_fit(tiny_npz, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
     assert not (tmp_path / ".run.partial").exists()  # checkpoints cleaned up on success
+    assert not (tmp_path / ".run.lock").exists()  # the killed fit's lock was taken over, then freed
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):  # a run is readable like any other file
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
     plain = tmp_path / "plain"
     r = subprocess.run([*cmd, *_fit_argv(tiny_npz, plain)], env=env, capture_output=True,

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import Checkpoints, Loop
 from ..config import InkfillError
-from ..data import Cell, DataError, Dataset, NpzStream, WriterMatrix, atomic_path
+from ..data import Cell, DataError, Dataset, NpzStream, WriterMatrix, atomic_path, file_mode
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,7 @@ class Method:
         write_json(run_dir / MATRIX_FILE, self.matrix_.to_json())
         tmp = atomic_path(run_dir / WEIGHTS_FILE)
         save_file(tensors, str(tmp))
+        os.chmod(tmp, file_mode())  # safetensors writes 0600; a run is read like its other files
         os.replace(tmp, run_dir / WEIGHTS_FILE)
 
     @classmethod
