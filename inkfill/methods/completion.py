@@ -269,14 +269,19 @@ class CompletionGAN(_StyleSpace):
         n_cells, m = images.shape[:2]
         with self._inference():
             emb = embed_images(self.classifier_, images.reshape(-1, 28, 28), self.device_)
+        with torch.inference_mode():
             emb = emb.float().reshape(n_cells, m, -1)
             target = torch.from_numpy(self.regression_.embed(codes)).to(emb)
+            # |(total + e) / (k + 1) - target|^2 is least where |e|^2 - 2 e.(r) is, with
+            # r = (k + 1) target - total: one (C, M) product a step, never a (C, M, dim) one.
+            sq = emb.square().sum(-1)
             total = torch.zeros_like(target)
             taken = torch.zeros(n_cells, m, dtype=torch.bool, device=emb.device)
             every = torch.arange(n_cells, device=emb.device)
             picks = []
             for k in range(n):
-                miss = ((total[:, None] + emb) / (k + 1) - target[:, None]).square().sum(-1)
+                r = (k + 1) * target - total
+                miss = sq - 2 * torch.bmm(emb, r[:, :, None])[..., 0]
                 pick = miss.masked_fill(taken, float("inf")).argmin(1)
                 taken[every, pick] = True
                 total += emb[every, pick]
