@@ -1,6 +1,7 @@
 """Fill throughput: images/s when filling every empty cell of a run, in-process and through the CLI.
 
     python benchmarks/fill_throughput.py RUN_DIR [RUN_DIR ...] [--per-cell 16] [--repeats 3]
+        [--sample PARAM=VALUE ...]   (as `inkfill fill --sample`, e.g. candidates=1)
 
 In-process: `Method.generate_cells` over all empty cells (what `fill` calls, batched across
 cells) beside the cell-by-cell loop of `generate`, as medians of `--repeats` runs. CLI: the wall
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inkfill.cli import _apply_sampling  # noqa: E402
 from inkfill.methods import load_run  # noqa: E402
 
 
@@ -38,6 +40,7 @@ def median_time(fn, repeats: int) -> float:
 
 def measure(run: Path, args) -> tuple:
     method = load_run(run)
+    _apply_sampling(method, args.sample)
     cells = method.matrix_.empty_cells()
     n = len(cells) * args.per_cell
     batched = median_time(lambda: method.generate_cells(cells, args.per_cell), args.repeats)
@@ -50,6 +53,7 @@ def measure(run: Path, args) -> tuple:
         inkfill = Path(sys.executable).with_name("inkfill")
         cmd = [str(inkfill), "fill", "--run", str(run), "--missing", "--per-cell",
                str(args.per_cell), "--out", str(out), "--no-progress"]  # fmt: skip
+        cmd += [f"--sample={item}" for item in args.sample]
 
         def cli():
             subprocess.run(cmd, check=True, capture_output=True)
@@ -68,6 +72,7 @@ def main():
     p.add_argument("--per-cell", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loop-cells", type=int, default=200, help="cells for the cell-by-cell loop")
+    p.add_argument("--sample", action="append", default=[], metavar="PARAM=VALUE")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

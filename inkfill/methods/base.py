@@ -31,6 +31,10 @@ WEIGHTS_FILE = "model.safetensors"
 MATRIX_FILE = "matrix.json"
 FILL_CHUNK = 256  # cells per generate_cells call in fill(): big batches, a live progress bar
 FILL_IMAGES = 16_384  # images per generate_cells call at most: memory flat at any --per-cell
+# Images per forward pass at inference. Small enough for the first layers' activations to stay in
+# a CPU's cache: on 2 cores 1.4x the images/s of 4,096 for completion-gan's generator and 1.8x of
+# 2,048 for its classifier; large enough to keep a GPU busy.
+INFER_CHUNK = 512
 
 
 class NotFittedError(InkfillError):

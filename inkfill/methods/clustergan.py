@@ -22,7 +22,7 @@ from ..metrics import mean_pairwise_distance, share_in
 from ..models import Discriminator, Generator
 from ..plots import save_loss_curves, save_real_fake, save_tradeoff
 from ..train import train_gan
-from .base import Method, cell_generator, cell_seed
+from .base import INFER_CHUNK, Method, cell_generator, cell_seed
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class ClusterGAN(Method):
                 images[at.numpy()] = self._forward(self.generators_[str(key)], z[at])
         return list(images.reshape(len(cells), n, 28, 28))
 
-    def _forward(self, G, z, classes=None, chunk: int = 4096) -> np.ndarray:
+    def _forward(self, G, z, classes=None, chunk: int = INFER_CHUNK) -> np.ndarray:
         out = []
         with self._inference():
             for s in range(0, len(z), chunk):

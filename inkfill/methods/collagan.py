@@ -18,7 +18,7 @@ from ..config import CollaGANConfig, InkfillError
 from ..data import WriterMatrix, to_images, to_model
 from ..models import CollaGenerator, PersonalDiscriminator
 from ..train import train_collagan
-from .base import Method, cell_generator, cell_seed, save_generator_figures
+from .base import INFER_CHUNK, Method, cell_generator, cell_seed, save_generator_figures
 
 
 class _Stacks:
@@ -140,7 +140,7 @@ class CollaGAN(Method):
             return []
         return list(self._forward(torch.cat(inputs)).reshape(len(cells), n, 28, 28))
 
-    def _forward(self, x, chunk: int = 2048) -> np.ndarray:
+    def _forward(self, x, chunk: int = INFER_CHUNK) -> np.ndarray:
         with self._inference():
             out = [to_images(self.generator_(x[s : s + chunk].to(self.device_)))
                    for s in range(0, len(x), chunk)]  # fmt: skip

@@ -270,7 +270,7 @@ class CompletionGAN(_StyleSpace):
         with self._inference():
             emb = embed_images(self.classifier_, images.reshape(-1, 28, 28), self.device_)
         with torch.inference_mode():
-            emb = emb.float().reshape(n_cells, m, -1)
+            emb = emb.double().reshape(n_cells, m, -1)  # float64: ties break alike in any batch
             target = torch.from_numpy(self.regression_.embed(codes)).to(emb)
             # |(total + e) / (k + 1) - target|^2 is least where |e|^2 - 2 e.(r) is, with
             # r = (k + 1) target - total: one (C, M) product a step, never a (C, M, dim) one.

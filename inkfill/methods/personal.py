@@ -32,7 +32,7 @@ from ..models import (
     StyleEncoder,
 )
 from ..train import PersonalLoss, train_feature_net, train_personal_gan
-from .base import Method, cell_generator, cell_seed, save_generator_figures
+from .base import INFER_CHUNK, Method, cell_generator, cell_seed, save_generator_figures
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class _PersonalGAN(Method):
         z = self.truncation * torch.randn(n, self.nz, generator=rng)
         return self._draw(z, style.expand(n, -1), torch.full((n,), col))
 
-    def _draw(self, z, style, cols, chunk: int = 4096) -> np.ndarray:
+    def _draw(self, z, style, cols, chunk: int = INFER_CHUNK) -> np.ndarray:
         """G(z, style, label) for (N, nz) noise, (N, style_dim) codes, (N,) label columns."""
         dev, out = self.device_, []
         with self._inference():
@@ -272,7 +272,9 @@ def train_classifier(
 
 
 @torch.no_grad()
-def embed_images(net: FeatureNet, images: np.ndarray, device, chunk: int = 2048) -> torch.Tensor:
+def embed_images(
+    net: FeatureNet, images: np.ndarray, device, chunk: int = INFER_CHUNK
+) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, dim) float32 embeddings of a frozen FeatureNet."""
     x = to_model(images, device)
     parts = [net(x[s : s + chunk]).float() for s in range(0, len(x), chunk)]
