@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from . import metrics
 from .cas import TrainOnFills
@@ -32,6 +31,7 @@ from .methods import fill, method_class, reference_methods
 from .methods.base import write_json
 from .models import FeatureNet
 from .plots import save_bar_chart, save_hidden_cells
+from .progress import tqdm
 from .train import train_feature_net
 
 log = logging.getLogger(__name__)

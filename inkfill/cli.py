@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, distributed
+from . import __version__, distributed, progress
 from .config import BenchConfig, DataConfig, FeatureConfig, InkfillError
 
 NO_PROGRESS_HELP = (
     "no progress bars; when stderr is not a terminal (a log file, CI, nohup) the bars redraw at "
-    "most every 30 s anyway (TQDM_MININTERVAL overrides)"
+    "most every 30 s anyway"
 )
-QUIET_LOG_INTERVAL = "30"  # seconds between progress redraws written to a file
 
 
 log = logging.getLogger("inkfill")
@@ -619,10 +618,9 @@ def read_cells(path: str) -> list[tuple[str, int]]:
 
 
 def cmd_fill(args: argparse.Namespace) -> None:
-    from tqdm.auto import tqdm
-
     from .methods import load_run, load_run_data
     from .methods.base import write_fill
+    from .progress import tqdm
 
     if args.per_cell < 1:
         raise InkfillError("--per-cell must be at least 1")
@@ -684,11 +682,10 @@ def _run_data(real, method, run):
 
 
 def _fill_reference(args: argparse.Namespace) -> None:
-    from tqdm.auto import tqdm
-
     from .data import load_dataset
     from .methods import load_run
     from .methods.base import fill_new_writers
+    from .progress import tqdm
 
     labels = None
     if args.labels is not None:
@@ -853,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _set_threads()
     if not sys.stderr.isatty():  # a log file gets a redraw every 30 s, not thousands of them
-        os.environ.setdefault("TQDM_MININTERVAL", QUIET_LOG_INTERVAL)
+        progress.to_log = True
     try:
         args.func(args)
     except InkfillError as e:

@@ -400,3 +400,19 @@ def test_cells_csv_from_a_spreadsheet_and_sampling_overrides(tiny_run, tmp_path,
                            "--data", tmp_path / "o.npz", "--out", tmp_path / "x.npz")  # fmt: skip
     assert code == 2 and "not those" in err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_progress_to_a_log_file_redraws_every_30_s(tiny_npz, tmp_path, capsys):
+    import io
+
+    from inkfill import progress
+
+    def bar():
+        return progress.tqdm(total=3, file=io.StringIO())
+
+    progress.to_log = False
+    assert bar().mininterval < 1  # library use: tqdm's own default
+    code, _, _ = run_cli(capsys, "data", "--data", tiny_npz)  # stderr here is not a terminal
+    assert code == 0 and progress.to_log
+    assert bar().mininterval == progress.LOG_INTERVAL
+    progress.to_log = False

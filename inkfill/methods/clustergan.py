@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..cluster import WriterClustering, vote_accuracy
 from ..config import ClusterGANConfig
@@ -21,6 +20,7 @@ from ..data import WriterMatrix, label_name, to_images, to_model
 from ..metrics import mean_pairwise_distance, share_in
 from ..models import Discriminator, Generator
 from ..plots import save_loss_curves, save_real_fake, save_tradeoff
+from ..progress import tqdm
 from ..train import train_gan
 from .base import INFER_CHUNK, Method, cell_generator, cell_seed
 

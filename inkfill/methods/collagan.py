@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..config import CollaGANConfig, InkfillError
 from ..data import WriterMatrix, to_images, to_model
 from ..models import CollaGenerator, PersonalDiscriminator
+from ..progress import tqdm
 from ..train import train_collagan
 from .base import INFER_CHUNK, Method, cell_generator, cell_seed, save_generator_figures
 

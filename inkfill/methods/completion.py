@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import metrics
 from ..completion import PrototypeRegression, cell_prototypes
@@ -32,6 +31,7 @@ from ..models import (
     PersonalGenerator,
     PosteriorEncoder,
 )
+from ..progress import tqdm
 from ..train import CellLoss, train_personal_gan
 from .base import Method, cell_generator, cell_seed, save_generator_figures
 from .personal import _CellSampler, _PersonalGAN, embed_images, train_classifier

@@ -20,7 +20,6 @@ import logging
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..config import EmbedGANConfig, EncoderGANConfig, InkfillError
 from ..data import WriterMatrix, to_images, to_model
@@ -31,6 +30,7 @@ from ..models import (
     PosteriorEncoder,
     StyleEncoder,
 )
+from ..progress import tqdm
 from ..train import PersonalLoss, train_feature_net, train_personal_gan
 from .base import INFER_CHUNK, Method, cell_generator, cell_seed, save_generator_figures
 
