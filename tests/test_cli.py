@@ -327,7 +327,7 @@ def test_dry_run_prints_the_resolved_config(tiny_npz, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["done.npz", "done.json", "done/"])
 def test_fill_complete_writes_real_plus_flagged_fills(tiny_run, tmp_path, capsys, name):
-    run, out = tiny_run / "run", str(tmp_path / name)
+    run, out = tiny_run / "run", str(tmp_path) + "/" + name  # pathlib would drop a trailing /
     code, text, err = run_cli(
         capsys, "fill", "--run", run, "--missing", "--complete", "--per-cell", 2, "--out", out,
         "--no-progress",
@@ -348,6 +348,10 @@ def test_fill_complete_writes_real_plus_flagged_fills(tiny_run, tmp_path, capsys
     code, text, _ = run_cli(capsys, "data", "--data", out, "--preview", tmp_path / "p.png")
     assert code == 0 and f"generated        {2 * n_empty:,} images" in text
     assert (tmp_path / "p.png").stat().st_size > 0
+    code, _, err = run_cli(capsys, "fill", "--run", run, "--missing", "--complete", "--out", out)
+    if name.endswith("/"):  # a LEAF directory of shards, never written over
+        assert (tmp_path / "done" / "all_data_0.json").is_file()
+        assert code == 2 and "already exists" in err
 
 
 def test_fill_streams_and_refuses_what_the_disk_cannot_hold(tiny_run, tmp_path, capsys):

@@ -32,8 +32,8 @@ MATRIX_FILE = "matrix.json"
 FILL_CHUNK = 256  # cells per generate_cells call in fill(): big batches, a live progress bar
 FILL_IMAGES = 16_384  # images per generate_cells call at most: memory flat at any --per-cell
 # Images per forward pass at inference. Small enough for the first layers' activations to stay in
-# a CPU's cache: on 2 cores 1.4x the images/s of 4,096 for completion-gan's generator and 1.8x of
-# 2,048 for its classifier; large enough to keep a GPU busy.
+# a CPU's cache (on 2 cores, completion-gan's classifier runs 1.8x the images/s it did in chunks of
+# 2,048), large enough to keep a GPU busy.
 INFER_CHUNK = 512
 
 
@@ -367,6 +367,8 @@ def write_fill(
     work, and an error midway leaves no file. Returns the number of images written."""
     n = len(cells) * per_cell + (len(real) if real is not None else 0)
     leaf = is_leaf_path(out)
+    if str(out).endswith(("/", os.sep)) and Path(out).exists():
+        raise InkfillError(f"{out}: already exists; a LEAF directory is written only as a new one")
     if leaf and n > LEAF_MAX_IMAGES:
         raise InkfillError(
             f"{out}: {n:,} images is more than a LEAF json is written for "
