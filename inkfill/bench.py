@@ -432,8 +432,9 @@ def _cas_references(rows: dict, cas: TrainOnFills, scorer: Scorer, fills: dict) 
     rows["ceiling (real)"].update(cas.score([a for a, _ in scorer.halves]))
     rows["ceiling (real)"].pop("label_cas")  # half A is fewer images than a fill: not comparable
     rows["no fill"] = cas.score(None)
-    rows["no fill"]["shared_missing_acc"] = cas.shared()["personal_missing_acc"]
-    rows["no fill"]["shared_other_acc"] = cas.shared()["personal_other_acc"]
+    shared = cas.shared()
+    rows["no fill"]["shared_missing_acc"] = shared["personal_missing_acc"]
+    rows["no fill"]["shared_other_acc"] = shared["personal_other_acc"]
     if fills:
         rows["no fill"]["label_cas_real"] = cas.label_cas_real(next(iter(fills.values())))
 
@@ -480,10 +481,8 @@ def results_markdown(results: dict) -> str:
         "|---|" + "---:|" * len(COLUMNS),
     ]
     for name, row in rows.items():
-        if name == "no fill":
-            continue
-        cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if name != "no fill":
+            lines.append(_table_row(name, row, COLUMNS))
     checks = [(n, r) for n, r in rows.items() if "cluster_share" in r]
     lines += [
         "",
@@ -518,6 +517,12 @@ CAS_COLUMNS = [
 ]
 
 
+def _table_row(label: str, row: dict, columns: list) -> str:
+    """One markdown table row: the row's value of each column, blank where it has none."""
+    cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in columns]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
 def cas_markdown(rows: dict) -> list[str]:
     """The train-on-fills table and its legend."""
     none = rows["no fill"]
@@ -534,8 +539,7 @@ def cas_markdown(rows: dict) -> list[str]:
         if "writer_cas_top1" not in row:
             continue
         label = {"ceiling (real)": "real (half A of the cell)"}.get(name, name)
-        cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in CAS_COLUMNS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(_table_row(label, row, CAS_COLUMNS))
     lines += [
         "",
         "Writer CAS: a linear writer classifier on a frozen CNN (the judge's recipe, another "

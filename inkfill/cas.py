@@ -81,7 +81,6 @@ class TrainOnFills:
             mine = reduced.rows == r
             tune, held = np.flatnonzero(mine & in_train), np.flatnonzero(mine & ~in_train)
             self.personal.append((emb[tune], reduced.cols[tune], emb[held], reduced.cols[held]))
-        self._no_fill = None
 
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> torch.Tensor:
@@ -94,16 +93,16 @@ class TrainOnFills:
     def score(self, fills: list[np.ndarray] | None) -> dict:
         """Every score of one method's fills (fills[k] for hidden cell k); None: no fills."""
         if fills is None:
-            if self._no_fill is None:
-                self._no_fill = {**self.writer_cas(None), **self.personalization(None)}
-            return dict(self._no_fill)
-        return {**self.writer_cas(fills), **self.label_cas(fills), **self.personalization(fills)}
+            return {**self.writer_cas(None), **self.personalization(None)}
+        emb = [self.embed(f) for f in fills]  # once, for both the probe and the fine-tuning
+        return {**self.writer_cas(emb), **self.label_cas(fills), **self.personalization(emb)}
 
-    def writer_cas(self, fills: list[np.ndarray] | None) -> dict:
+    def writer_cas(self, fill_emb: list[torch.Tensor] | None) -> dict:
+        """fill_emb[k]: the backbone's embeddings of hidden cell k's fills (None: no fills)."""
         x, y = self.base_x, self.base_writer
-        if fills is not None:
-            fx = (self.embed(np.concatenate(fills)) - self.mean) / self.scale
-            fy = torch.as_tensor(np.repeat(self.rows, [len(f) for f in fills]), dtype=torch.long)
+        if fill_emb is not None:
+            fx = (torch.cat(fill_emb) - self.mean) / self.scale
+            fy = torch.as_tensor(np.repeat(self.rows, [len(e) for e in fill_emb]), dtype=torch.long)
             x, y = torch.cat([x, fx]), torch.cat([y, fy])
         probe = torch.nn.Linear(x.shape[1], self.reduced.n_writers)
         gen = torch.Generator().manual_seed(self.seed)
@@ -176,13 +175,13 @@ class TrainOnFills:
             )
         return float((pred.cpu().numpy() == test_labels).mean())
 
-    def personalization(self, fills: list[np.ndarray] | None) -> dict:
+    def personalization(self, fill_emb: list[torch.Tensor] | None) -> dict:
         head = self.backbone.label_head
         missing, other = [], []
         for k, (tune_x, tune_y, held_x, held_y) in enumerate(self.personal):
             x, y = tune_x, torch.as_tensor(tune_y, dtype=torch.long)
-            if fills is not None:
-                fx = self.embed(fills[k])
+            if fill_emb is not None:
+                fx = fill_emb[k]
                 x = torch.cat([x, fx])
                 y = torch.cat([y, torch.full((len(fx),), int(self.cols[k]))])
             mine = torch.nn.Linear(head.in_features, head.out_features)
