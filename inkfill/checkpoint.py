@@ -15,6 +15,11 @@ no pickle, so loading a checkpoint cannot run code.
 On resume a fit runs from the top again: deterministic preparation (clustering, data tables) is
 recomputed, finished stages are loaded instead of trained, and the stage in progress continues
 from its last checkpoint, with the same random stream, so it ends where an uninterrupted fit ends.
+
+Under torchrun every rank keeps a Checkpoints on the same directory: at a save the ranks send
+their own random generator and batch order to rank 0, which alone writes (`rank<r>.` entries);
+on resume each rank reads the weights and takes its own stream back. A checkpoint resumes only
+with as many processes as wrote it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .config import InkfillError
 from .data import atomic_path, file_mode
 
@@ -103,6 +109,8 @@ class Checkpoints:
         return meta["history"]
 
     def finish(self, name: str, modules: dict[str, nn.Module], history: dict) -> None:
+        if not distributed.is_main():
+            return
         path = self.dir / "stages" / f"{_safe_name(name)}.safetensors"
         _write(path, _module_tensors("", modules), {"stage": name, "history": history})
 
@@ -147,16 +155,32 @@ class Loop:
                 opt.load_state_dict({"state": state, "param_groups": meta["optim"][n]})
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{path}: optimiser state does not match ({e})") from None
-        rng.set_state(tensors["rng"])
+        world = meta.get("world", 1)
+        if world != distributed.world_size():
+            raise CheckpointError(
+                f"{path} was written by {world} data-parallel process(es): resume it with "
+                + ("`inkfill fit --resume`" if world == 1
+                   else f"`torchrun --nproc_per_node {world} -m inkfill fit --resume`")
+            )  # fmt: skip
+        own = f"rank{distributed.rank()}." if distributed.rank() else ""
+        rng.set_state(tensors[f"{own}rng"])
         if sampler is not None:
-            sampler.load_state(tensors["sampler.order"], meta["sampler_pos"])
+            sampler.load_state(tensors[f"{own}sampler.order"], meta[f"{own}sampler_pos"])
         for key, value in self.extra.items():
             value.copy_(tensors[f"extra.{key}"])
         self.last_saved = meta["step"]
         return meta["step"], meta["history"]
 
     def step(self, step: int, history: dict, force: bool = False) -> None:
+        """Save every `every` steps (every rank calls this at the same steps)."""
         if not force and step - self.last_saved < self.owner.every:
+            return
+        own = {"rng": self.rng.get_state()}
+        if self.sampler is not None:
+            own["sampler.order"], own["sampler_pos"] = self.sampler.state()
+        ranks = distributed.gather(own)
+        self.last_saved = step
+        if not distributed.is_main():
             return
         tensors = _module_tensors("module.", self.modules)
         groups = {}
@@ -166,11 +190,13 @@ class Loop:
             for index, fields in sd["state"].items():
                 for field, value in fields.items():
                     tensors[f"optim.{n}.{index}.{field}"] = torch.as_tensor(value)
-        tensors["rng"] = self.rng.get_state()
-        meta = {"stage": self.name, "step": step, "history": history, "optim": groups}
-        if self.sampler is not None:
-            order, pos = self.sampler.state()
-            tensors["sampler.order"], meta["sampler_pos"] = order, pos
+        meta = {"stage": self.name, "step": step, "history": history, "optim": groups,
+                "world": len(ranks)}  # fmt: skip
+        for r, state in enumerate(ranks):
+            prefix = f"rank{r}." if r else ""
+            tensors[f"{prefix}rng"] = state["rng"]
+            if self.sampler is not None:
+                tensors[f"{prefix}sampler.order"] = state["sampler.order"]
+                meta[f"{prefix}sampler_pos"] = state["sampler_pos"]
         tensors.update({f"extra.{k}": v for k, v in self.extra.items()})
         _write(self.owner.dir / CURRENT, tensors, meta)
-        self.last_saved = step

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue an interrupted fit of RUN_DIR from its last checkpoint (same settings)",
+        help="continue an interrupted fit of RUN_DIR from its last checkpoint (same settings; "
+        "a torchrun fit under torchrun with as many processes)",
     )
     p.add_argument(
         "--checkpoint-every",
@@ -334,6 +335,13 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"preview          {args.preview}")
 
 
+def _resume_command(out: Path) -> str:
+    """How to continue an interrupted fit of `out`: with as many processes as it had."""
+    world = distributed.world_size()
+    launcher = f"torchrun --nproc_per_node {world} -m inkfill" if world > 1 else "inkfill"
+    return f"{launcher} fit --resume {out}"
+
+
 def _partial(out: Path) -> Path:
     """Where a fit of `out` is built, and where it stays (with its checkpoints) if interrupted."""
     return out.parent / f".{out.name}.partial"
@@ -445,33 +453,33 @@ def _fit_locked(args, resuming, cls, method, out, partial) -> None:
     if distributed.launched():
         if not cls.data_parallel:
             raise InkfillError(
-                f"torchrun: {cls.name} trains in one process; data-parallel training is "
+                f"torchrun: {cls.name} has no data-parallel training (run it in one process); "
+                f"data-parallel training is "
                 f"implemented for {', '.join(n for n, c in METHODS.items() if c.data_parallel)}"
             )
-        if resuming:
-            raise InkfillError("--resume runs in one process, not under torchrun")
         device = distributed.setup(device)
-        if not distributed.is_main():  # the other ranks train and leave the writing to rank 0
-            method.fit(matrix, device=device, progress=False)
+        if not distributed.is_main():
+            # The other ranks train, read the checkpoints rank 0 writes, and write nothing.
+            distributed.barrier()  # until rank 0 has made the run's partial directory
+            checkpoints = Checkpoints(partial / "checkpoint", args.checkpoint_every)
+            try:
+                method.fit(matrix, device=device, progress=False, checkpoints=checkpoints)
+            except FloatingPointError as e:
+                raise TrainingStopped(f"rank {distributed.rank()}: training stopped: {e}") from None
             distributed.teardown()
             return
 
     if not resuming:
         shutil.rmtree(partial, ignore_errors=True)
-    resumable = not distributed.active()  # checkpoints are written by single-process fits
 
     def keep(tmp: Path) -> bool:
-        return (
-            resumable
-            and (tmp / "checkpoint").exists()
-            and Checkpoints(tmp / "checkpoint").has_state()
-        )
+        return (tmp / "checkpoint").exists() and Checkpoints(tmp / "checkpoint").has_state()
 
     with _building(out, args.overwrite or resuming, tmp=partial, keep=keep) as tmp:
-        if resumable:
-            data_path = str(resolve_data_path(data_config.path).resolve())
-            write_json(tmp / FIT_ARGS, {"argv": [str(a) for a in args.argv], "data": data_path})
-        checkpoints = Checkpoints(tmp / "checkpoint", args.checkpoint_every) if resumable else None
+        data_path = str(resolve_data_path(data_config.path).resolve())
+        write_json(tmp / FIT_ARGS, {"argv": [str(a) for a in args.argv], "data": data_path})
+        checkpoints = Checkpoints(tmp / "checkpoint", args.checkpoint_every)
+        distributed.barrier()  # the other ranks may now open the checkpoints
         summary = matrix.summary()
         log.info("fit %s on %s: %s", cls.name, args.data, summary)
         where = str(device)
@@ -491,15 +499,14 @@ def _fit_locked(args, resuming, cls, method, out, partial) -> None:
         except FloatingPointError as e:
             raise TrainingStopped(
                 f"training stopped: {e}; the last good checkpoint is kept in {tmp}: "
-                f"`inkfill fit --resume {out}` continues from it, or start over with a lower "
+                f"`{_resume_command(out)}` continues from it, or start over with a lower "
                 "learning rate and --overwrite"
             ) from None
         fit_seconds = time.perf_counter() - start
-        if checkpoints is not None:
-            shutil.rmtree(tmp / "checkpoint")
-            (tmp / FIT_ARGS).unlink()
         world = distributed.world_size()
-        distributed.teardown()
+        distributed.teardown()  # every rank is done with the checkpoints
+        shutil.rmtree(tmp / "checkpoint")
+        (tmp / FIT_ARGS).unlink()
         print(f"fit took {fit_seconds:.1f} s")
         extra = {
             "data": {
@@ -560,7 +567,7 @@ def _building(out: Path, overwrite: bool, tmp: Path | None = None, keep=None):
         if keep is not None and keep(tmp):
             if not isinstance(e, InkfillError):  # (those say so, or concern the input)
                 print(f"the last checkpoint is kept in {tmp}: continue with "
-                      f"`inkfill fit --resume {out}`", file=sys.stderr)  # fmt: skip
+                      f"`{_resume_command(out)}`", file=sys.stderr)  # fmt: skip
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         raise

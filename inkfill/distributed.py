@@ -1,8 +1,14 @@
-"""Data-parallel training under torchrun: one process per device, PyTorch's
-DistributedDataParallel (gloo on CPU, nccl on CUDA), each rank drawing batches from its own shard
-of the images; rank 0 alone writes.
+"""Data-parallel training under torchrun: one process per device (gloo on CPU, nccl on CUDA),
+each rank drawing batches from its own shard of the data with noise of its own; rank 0 alone
+writes (runs, checkpoints), every rank reads.
 
-    torchrun --nproc_per_node 2 -m inkfill fit --method cluster-gan --out runs/ddp
+    torchrun --nproc_per_node 2 -m inkfill fit --method completion-gan --out runs/ddp
+
+Two ways to keep the ranks' models equal: cluster-gan's plain DCGAN steps wrap G and D in
+PyTorch's DistributedDataParallel (`wrap`); the personal generators' steps take a second
+derivative (R1) and compute losses outside any one module's forward, which DDP does not support,
+so, as StyleGAN2-ADA's training loop does, they start from rank 0's weights (`broadcast`) and
+average each step's gradients with one all-reduce per optimiser (`average_gradients`).
 
 Outside torchrun (no WORLD_SIZE in the environment) everything here is a no-op, so the training
 loops call it unconditionally.
@@ -87,6 +93,58 @@ def no_sync(module: nn.Module):
     if isinstance(module, nn.parallel.DistributedDataParallel):
         return module.no_sync()
     return contextlib.nullcontext()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def generator(seed: int) -> torch.Generator:
+    """A random generator for this rank: `seed` itself on rank 0 (so that a single-process fit
+    is unchanged), another stream on every other rank."""
+    if rank():
+        seed = (seed * 1_000_003 + rank() * 0x9E3779B9) % 2**63
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def broadcast(modules) -> None:
+    """Every rank takes rank 0's parameters and buffers of `modules` (modules or tensors)."""
+    if not active():
+        return
+    for item in modules:
+        tensors = [*item.parameters(), *item.buffers()] if isinstance(item, nn.Module) else [item]
+        for t in tensors:
+            dist.broadcast(t.data, 0)
+
+
+@torch.no_grad()
+def average_gradients(params) -> None:
+    """Replace each parameter's gradient by its mean over the ranks, in one all-reduce.
+    Parameters without a gradient are left alone: every rank runs the same graph, so they are
+    the same ones on every rank (and Adam skips them, as in one process)."""
+    if not active():
+        return
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def shard(n: int) -> torch.Tensor:

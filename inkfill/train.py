@@ -196,19 +196,23 @@ def train_feature_net(
 
     images (N, 1, 28, 28) in [-1, 1]; labels and writers (N,) column/row ids. Images are
     shifted by up to two pixels at random, so the net keys on stroke style, not position.
+    Under torchrun each rank takes its own shard of the images (an epoch is one pass over the
+    shards) and the gradients are averaged over the ranks; pass each rank its own `rng`.
     """
-    steps_per_epoch = max(1, len(images) // batch_size)
+    mine = distributed.shard(len(images)).to(images.device)
+    steps_per_epoch = max(1, len(mine) // batch_size)
+    distributed.broadcast([net])
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch
     )
     history: dict[str, list[float]] = {"epoch": [], "loss": [], "label_acc": [], "writer_acc": []}
     net.train()
-    index = Batches(len(images), batch_size, rng)
+    index = Batches(len(mine), batch_size, rng)
     for epoch in range(1, epochs + 1):
         sums = torch.zeros(3)
         for _ in range(steps_per_epoch):
-            idx = next(index).to(images.device)
+            idx = mine[next(index).to(images.device)]
             x = random_shift(images[idx], 2, rng)
             emb = net(x)
             label_logits, writer_logits = net.label_head(emb), net.writer_head(emb)
@@ -217,6 +221,7 @@ def train_feature_net(
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(net.parameters())
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -233,6 +238,7 @@ def train_feature_net(
         history["epoch"].append(epoch)
         for key, value in zip(("loss", "label_acc", "writer_acc"), means):
             history[key].append(value)
+    distributed.broadcast(list(net.buffers()))  # batch-norm statistics: rank 0's everywhere
     net.eval()
     return history
 
@@ -348,6 +354,7 @@ def train_collagan(
     device = next(generator.parameters()).device
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+    distributed.broadcast([generator, discriminator])  # under torchrun: rank 0's weights
     generator.train()
     discriminator.train()
     eye = torch.eye(n_labels, device=device)[:, :, None, None].expand(-1, -1, 28, 28)
@@ -369,6 +376,7 @@ def train_collagan(
             loss_d = loss_d + label_weight * F.cross_entropy(real_cls.float(), cols)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        distributed.average_gradients(discriminator.parameters())
         opt_d.step()
 
         with autocast(device, bf16):
@@ -388,6 +396,7 @@ def train_collagan(
             loss_g = adv + recon_weight * recon + ssim_weight * sim + cycle_weight * cycle
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        distributed.average_gradients(generator.parameters())
         opt_g.step()
 
         with torch.no_grad():
@@ -396,6 +405,7 @@ def train_collagan(
         losses.save(checkpoint, step)
         if progress is not None:
             progress.update(1)
+    distributed.broadcast([*generator.buffers(), *discriminator.buffers()])
     generator.eval()
     discriminator.eval()
     return losses.history
@@ -612,6 +622,10 @@ def train_personal_gan(
         betas=(beta1, 0.999),
     )
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+    # Under torchrun: every rank starts from rank 0's weights, and each step's gradients are
+    # averaged over the ranks (one all-reduce for G's side, one for D); `sample` draws this
+    # rank's cells and `rng` is this rank's noise.
+    distributed.broadcast([generator, discriminator, *g_params, *style_params])
     generator.train()
     discriminator.train()
     if posterior is not None:
@@ -659,6 +673,7 @@ def train_personal_gan(
             extra = (r1,)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        distributed.average_gradients(discriminator.parameters())
         opt_d.step()
 
         with autocast(device, bf16):
@@ -669,6 +684,7 @@ def train_personal_gan(
             loss_g = adv + loss.total(terms)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        distributed.average_gradients([*g_params, *style_params])
         opt_g.step()
 
         with torch.no_grad():
@@ -678,6 +694,9 @@ def train_personal_gan(
         losses.save(checkpoint, step)
         if progress is not None:
             progress.update(1)
+    # Batch-norm statistics are each rank's own: end with rank 0's everywhere.
+    distributed.broadcast([b for m in (generator, discriminator, posterior) if m is not None
+                           for b in m.buffers()])  # fmt: skip
     generator.eval()
     discriminator.eval()
     if posterior is not None:

@@ -109,7 +109,7 @@ class Method:
 
     name: ClassVar[str]
     Config: ClassVar[type]
-    data_parallel: ClassVar[bool] = False  # fit() trains with DDP under torchrun
+    data_parallel: ClassVar[bool] = False  # fit() trains data-parallel under torchrun
 
     def __init__(self, **params: Any):
         fields = {f.name: f.default for f in dataclasses.fields(self.Config)}

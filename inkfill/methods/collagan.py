@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import CollaGANConfig, InkfillError
 from ..data import WriterMatrix, to_images, to_model
 from ..models import CollaGenerator, PersonalDiscriminator
@@ -54,6 +55,7 @@ class _Stacks:
 class CollaGAN(Method):
     name = "collagan"
     Config = CollaGANConfig
+    data_parallel = True  # G and D average their gradients under torchrun
 
     def _fit(self, matrix: WriterMatrix, progress: bool) -> None:
         n_labels_of = (matrix.counts > 0).sum(1)
@@ -61,11 +63,14 @@ class CollaGAN(Method):
             raise InkfillError("collagan: no writer has two labels to learn from")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            rng = torch.Generator().manual_seed(cell_seed(self.seed, "train", self.name))
+            rng = distributed.generator(cell_seed(self.seed, "train", self.name))
             stacks = _Stacks(matrix, self.device_)
-            # Targets: observed cells of writers with at least one other label.
+            # Targets: observed cells of writers with at least one other label (under torchrun,
+            # this rank's share of them).
             ok = torch.as_tensor(n_labels_of >= 2)[stacks.rows]
             t_rows, t_cols = stacks.rows[ok], stacks.cols[ok]
+            mine = distributed.shard(len(t_rows))
+            t_rows, t_cols = t_rows[mine], t_cols[mine]
             dev, b, n_labels = self.device_, self.batch_cells, matrix.n_labels
 
             def sample():

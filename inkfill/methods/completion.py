@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import metrics
+from .. import distributed, metrics
 from ..completion import PrototypeRegression, cell_prototypes
 from ..config import CompletionGANConfig, InkfillError, PredictedRetrievalConfig
 from ..data import WriterMatrix
@@ -39,6 +39,8 @@ from .personal import _CellSampler, _PersonalGAN, embed_images, train_classifier
 
 class _StyleSpace(Method):
     """The shared part: classifier, prototypes, regressions, each cell's predicted code."""
+
+    data_parallel = True  # the classifier and the GAN average their gradients under torchrun
 
     def _fit_space(self, matrix: WriterMatrix, progress: bool) -> None:
         self.classifier_ = train_classifier(self, matrix, progress, self.classifier_width)
@@ -147,7 +149,7 @@ class CompletionGAN(_StyleSpace):
     def _fit(self, matrix, progress):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            rng = torch.Generator().manual_seed(cell_seed(self.seed, "train", self.name))
+            rng = distributed.generator(cell_seed(self.seed, "train", self.name))
             self._fit_space(matrix, progress)
             dev = self.device_
             codes = self.codes_

@@ -21,6 +21,7 @@ import logging
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import EmbedGANConfig, EncoderGANConfig, InkfillError
 from ..data import WriterMatrix, to_images, to_model
 from ..models import (
@@ -58,6 +59,7 @@ class _CellSampler:
             torch.as_tensor(a[keep]) for a in (rows, cols, members)
         )
         self.counts = (self.members >= 0).sum(1)
+        self.mine = distributed.shard(len(self.rows))  # under torchrun, this rank's cells
         self.images = to_model(matrix.data.images, device)  # (N, 1, 28, 28)
         self.image_cols = torch.as_tensor(matrix.cols)
         # Each cell's mean image: sum its images with index_add, divide by the count.
@@ -89,7 +91,7 @@ class _CellSampler:
 
     def __call__(self) -> dict[str, torch.Tensor]:
         b, k, g = self.batch_cells, self.k, self.rng
-        cell = torch.randint(len(self.rows), (b,), generator=g)
+        cell = self.mine[torch.randint(len(self.mine), (b,), generator=g)]
         rows, cols = self.rows[cell], self.cols[cell]
         pick = (torch.rand(b, generator=g) * self.counts[cell]).long()
         real = self.members[cell, pick]
@@ -116,13 +118,15 @@ class _CellSampler:
 class _PersonalGAN(Method):
     """What embed-gan and encoder-gan share: the generator, training, sampling and state."""
 
+    data_parallel = True  # the classifier and the GAN average their gradients under torchrun
+
     def _style_modules(self) -> dict[str, torch.nn.Module]:
         raise NotImplementedError
 
     def _fit(self, matrix: WriterMatrix, progress: bool) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            rng = torch.Generator().manual_seed(cell_seed(self.seed, "train", self.name))
+            rng = distributed.generator(cell_seed(self.seed, "train", self.name))
             self.classifier_ = self._train_classifier(matrix, progress)
             with torch.no_grad():
                 x = to_model(matrix.data.images, self.device_)
@@ -253,8 +257,8 @@ def train_classifier(
     x = to_model(matrix.data.images, method.device_)
     cols = torch.as_tensor(matrix.cols, device=method.device_)
     rows = torch.as_tensor(matrix.rows, device=method.device_)
-    rng = torch.Generator().manual_seed(cell_seed(method.seed, "classifier", method.name))
-    steps = method.classifier_epochs * max(1, len(x) // 128)
+    rng = distributed.generator(cell_seed(method.seed, "classifier", method.name))
+    steps = method.classifier_epochs * max(1, len(distributed.shard(len(x))) // 128)
     if method._finished("classifier", {"net": net}) is None:
         # Its dropout draws from the global stream: fork it, so that what follows starts
         # from the same state whether the classifier was trained now or loaded on resume.
