@@ -522,6 +522,8 @@ def _fit_locked(args, resuming, cls, method, out, partial) -> None:
         method.save(tmp, extra=extra)
         metrics = method.evaluate(matrix, progress=not args.no_progress)
         metrics["fit_seconds"] = fit_seconds
+        if getattr(method, "phase_seconds_", None):
+            metrics["phase_seconds"] = method.phase_seconds_
         write_json(tmp / "metrics.json", metrics)
         _write_history(tmp / "metrics.jsonl", getattr(method, "history_", {}))
         table = method.format_metrics(metrics)

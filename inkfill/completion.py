@@ -30,6 +30,14 @@ def cell_prototypes(
     )
 
 
+def _ridge(alphas, x: np.ndarray, y: np.ndarray) -> RidgeCV:
+    """RidgeCV (efficient leave-one-out over `alphas`). On large designs (full FEMNIST: ~8k rows x
+    2k columns) its SVD path is 2.5-4x faster than the default covariance path (measured 11 s vs
+    30 s at 15.7k x 2,046); small ones keep the default, so femnist_digits fits are unchanged."""
+    mode = "svd" if x.shape[0] * x.shape[1] > 4_000_000 else None
+    return RidgeCV(alphas=alphas, gcv_mode=mode).fit(x, y)
+
+
 class PrototypeRegression:
     """Predicts a cell's prototype from its writer's other cells, one ridge regression per label.
 
@@ -105,7 +113,7 @@ class PrototypeRegression:
                 continue
             x = self._design(codes[mine], j)
             y = codes[mine, j]
-            ridge = RidgeCV(alphas=self.alphas).fit(x, y)
+            ridge = _ridge(self.alphas, x, y)
             self.coef_[j], self.intercept_[j], self.alpha_[j] = (
                 ridge.coef_.T,
                 ridge.intercept_,
@@ -151,15 +159,19 @@ class PrototypeRegression:
         cols: np.ndarray,
         protos: np.ndarray,
         max_shots: int = 12,
-        repeats: int = 4,
+        repeats: int | None = None,
     ) -> PrototypeRegression:
         """Regressions for a writer known from a few images (`fill --reference`): for each label
         j, every training writer who has j is seen through K random images of their other labels
         (K uniform in 1..max_shots, `repeats` draws), and the regression predicts the code of
         their *whole* real cell j from the codes of those few images. A row of one-image cells is
         noisier and sparser than a full row, so these shrink more toward the label's mean where
-        the full-row regressions would trust noise. Call after fit(), in its code space."""
+        the full-row regressions would trust noise. Call after fit(), in its code space.
+        `repeats` defaults to about 8,000 rows per regression (4 draws on femnist_digits' 516
+        writers, 2 on full FEMNIST's ~3,900), at most 4."""
         n_writers, n_labels = protos.shape[:2]
+        if repeats is None:
+            repeats = int(np.clip(round(8000 / max(n_writers, 1)), 1, 4))
         target = self.codes(protos)  # (W, L, k)
         rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
         rng = np.random.default_rng(self.seed + 1)
@@ -191,7 +203,7 @@ class PrototypeRegression:
             x, y = np.concatenate(xs), np.concatenate(ys)
             if len(x) < 3:
                 continue
-            ridge = RidgeCV(alphas=self.alphas).fit(x, y)
+            ridge = _ridge(self.alphas, x, y)
             self.shot_coef_[j], self.shot_intercept_[j] = ridge.coef_.T, ridge.intercept_
         return self
 

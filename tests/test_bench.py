@@ -9,7 +9,10 @@ from inkfill.cli import main
 from inkfill.config import BenchConfig, FeatureConfig
 from inkfill.data import WriterMatrix, load_dataset
 
-TINY_GAN = dict(n_clusters=2, n_components=8, ngf=8, ndf=8, nz=16, label_steps=4, cluster_steps=2)
+TINY_GAN = dict(
+    generator="per-cluster", n_clusters=2, n_components=8, ngf=8, ndf=8, nz=16, label_steps=4,
+    cluster_steps=2,
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -170,7 +170,8 @@ def test_data_summary_all_labels(real_all, capsys):
 
 
 TINY_FLAGS = ["--n-clusters", "3", "--n-components", "8", "--ngf", "8", "--ndf", "8", "--nz", "16"]
-TINY_FLAGS += ["--label-steps", "6", "--cluster-steps", "4", "--no-progress"]
+TINY_FLAGS += ["--generator", "per-cluster", "--label-steps", "6", "--cluster-steps", "4"]
+TINY_FLAGS += ["--no-progress"]
 
 
 @pytest.fixture(scope="module")

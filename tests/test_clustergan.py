@@ -10,7 +10,15 @@ from inkfill.models import Discriminator, Generator
 from inkfill.train import train_gan
 
 TINY = dict(
-    n_clusters=3, n_components=8, ngf=8, ndf=8, nz=16, label_steps=6, cluster_steps=4, steps=12
+    generator="per-cluster",
+    n_clusters=3,
+    n_components=8,
+    ngf=8,
+    ndf=8,
+    nz=16,
+    label_steps=6,
+    cluster_steps=4,
+    steps=12,
 )
 
 
@@ -23,7 +31,7 @@ def matrix():
 
 @pytest.fixture(scope="module", params=["per-cluster", "conditional"])
 def fitted(request, matrix):
-    return ClusterGAN(generator=request.param, **TINY).fit(matrix)
+    return ClusterGAN(**{**TINY, "generator": request.param}).fit(matrix)
 
 
 def test_model_shapes_and_one_finite_step():

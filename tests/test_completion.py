@@ -11,6 +11,7 @@ from inkfill.config import InkfillError
 from inkfill.data import WriterMatrix
 from inkfill.methods import load_run
 from inkfill.methods.completion import CompletionGAN, PredictedRetrieval, auto_steps
+from inkfill.methods.personal import auto_classifier_epochs
 from inkfill.train import CellLoss
 
 TINY = dict(style_dim=8, nz=4, ngf=8, ndf=8, steps=6, batch_cells=4, classifier_epochs=1, seed=2)
@@ -170,8 +171,15 @@ def test_steps_adapt_to_the_number_of_cells():
     assert auto_steps(9600, 32) == 2 * auto_steps(4800, 32)
 
 
+def test_classifier_epochs_adapt_to_the_number_of_images():
+    assert auto_classifier_epochs(34_571) == 6  # femnist_digits: as before
+    assert auto_classifier_epochs(390_000) == 3 and auto_classifier_epochs(805_000) == 1
+    assert auto_classifier_epochs(10**8) == 1 and auto_classifier_epochs(0) == 6
+
+
 def test_bad_hyperparameters_are_refused():
-    for bad in ({"samples_per_cell": 1}, {"predicted_share": 1.5}, {"nce_weight": -1.0}):
+    for bad in ({"samples_per_cell": 1}, {"predicted_share": 1.5}, {"nce_weight": -1.0},
+                {"classifier_epochs": -1}):  # fmt: skip
         with pytest.raises(InkfillError):
             _ = CompletionGAN(**bad).config
 

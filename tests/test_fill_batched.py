@@ -10,7 +10,9 @@ from inkfill.methods import METHODS
 from inkfill.methods.base import fill
 
 TINY = {
-    "cluster-gan": dict(n_clusters=2, ngf=4, ndf=4, label_steps=2, cluster_steps=2, seed=1),
+    "cluster-gan": dict(
+        generator="per-cluster", n_clusters=2, ngf=4, ndf=4, label_steps=2, cluster_steps=2, seed=1
+    ),
     "cluster-gan conditional": dict(
         generator="conditional", n_clusters=2, ngf=4, ndf=4, steps=3, seed=1
     ),

@@ -23,7 +23,9 @@ from inkfill.data import WriterMatrix
 from inkfill.methods import METHODS
 
 CASES = {
-    "cluster-gan": dict(n_clusters=2, ngf=4, ndf=4, label_steps=20, cluster_steps=20),
+    "cluster-gan": dict(
+        generator="per-cluster", n_clusters=2, ngf=4, ndf=4, label_steps=20, cluster_steps=20
+    ),
     "cluster-gan conditional": dict(generator="conditional", n_clusters=2, ngf=4, ndf=4, steps=40),
     "embed-gan": dict(
         style_dim=8, nz=4, ngf=8, ndf=8, steps=40, batch_cells=4, classifier_epochs=1

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -270,6 +271,15 @@ class Method:
         return []
 
     # -- resumable stages (no-ops without checkpoints) ----------------------------------------
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Time a part of the fit: `phase_seconds_` (written to RUN/metrics.json) and the log."""
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.phase_seconds_ = {**getattr(self, "phase_seconds_", {}), name: round(seconds, 2)}
+        log.info("%s: %s took %.1f s", self.name, name, seconds)
 
     def _finished(self, stage: str, modules: dict[str, torch.nn.Module]) -> dict | None:
         """If `stage` finished in an earlier, interrupted fit: load it into `modules` and return

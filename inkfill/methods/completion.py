@@ -43,15 +43,18 @@ class _StyleSpace(Method):
     data_parallel = True  # the classifier and the GAN average their gradients under torchrun
 
     def _fit_space(self, matrix: WriterMatrix, progress: bool) -> None:
-        self.classifier_ = train_classifier(self, matrix, progress, self.classifier_width)
-        emb = embed_images(self.classifier_, matrix.data.images, self.device_).cpu().numpy()
-        protos, _ = cell_prototypes(
-            emb, matrix.rows, matrix.cols, matrix.n_writers, matrix.n_labels
-        )
-        self.regression_ = PrototypeRegression(self.n_components, seed=self.seed).fit(protos)
-        self.regression_.fit_shots(emb, matrix.rows, matrix.cols, protos)
-        self.codes_ = self.regression_.codes(protos)  # (W, L, k), NaN where empty
-        self.predicted_ = self.regression_.predict_all(self.codes_)  # (W, L, k)
+        with self._phase("classifier"):
+            self.classifier_ = train_classifier(self, matrix, progress, self.classifier_width)
+        with self._phase("embeddings"):
+            emb = embed_images(self.classifier_, matrix.data.images, self.device_).cpu().numpy()
+        with self._phase("regressions"):
+            protos, _ = cell_prototypes(
+                emb, matrix.rows, matrix.cols, matrix.n_writers, matrix.n_labels
+            )
+            self.regression_ = PrototypeRegression(self.n_components, seed=self.seed).fit(protos)
+            self.regression_.fit_shots(emb, matrix.rows, matrix.cols, protos)
+            self.codes_ = self.regression_.codes(protos)  # (W, L, k), NaN where empty
+            self.predicted_ = self.regression_.predict_all(self.codes_)  # (W, L, k)
         self.embeddings_, self.protos_ = emb, protos
 
     def _reference_codes(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -153,7 +156,8 @@ class CompletionGAN(_StyleSpace):
             self._fit_space(matrix, progress)
             dev = self.device_
             codes = self.codes_
-            oof = self.regression_.out_of_fold(self.protos_)
+            with self._phase("out-of-fold regressions"):
+                oof = self.regression_.out_of_fold(self.protos_)
             # Codes enter the style network centred on their label and on a unit scale.
             self.code_scale_ = float(np.nanstd(codes - self.regression_.label_means_[None]))
             emb = torch.from_numpy(self.embeddings_).to(dev)
@@ -161,7 +165,8 @@ class CompletionGAN(_StyleSpace):
             if not len(sampler):
                 raise InkfillError(f"{self.name}: no writer has two labels to learn a style from")
             steps = self.steps or auto_steps(len(sampler), self.batch_cells)
-            spread = _cell_spreads(matrix)
+            with self._phase("cell spreads"):
+                spread = _cell_spreads(matrix)
             tables = {
                 "real_code": torch.from_numpy(np.nan_to_num(self._scaled(codes))).to(dev),
                 "oof_code": torch.from_numpy(self._scaled(oof)).to(dev),
@@ -203,7 +208,10 @@ class CompletionGAN(_StyleSpace):
                 modules["posterior"] = posterior
             done = self._finished(self.name, modules)
             if done is None:
-                with tqdm(total=steps, desc=self.name, disable=not progress) as bar:
+                with (
+                    self._phase("gan"),
+                    tqdm(total=steps, desc=self.name, disable=not progress) as bar,
+                ):
                     self.style_.train()
                     done = train_personal_gan(
                         self.generator_, disc,
