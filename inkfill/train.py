@@ -625,7 +625,7 @@ def train_personal_gan(
     # Under torchrun: every rank starts from rank 0's weights, and each step's gradients are
     # averaged over the ranks (one all-reduce for G's side, one for D); `sample` draws this
     # rank's cells and `rng` is this rank's noise.
-    distributed.broadcast([generator, discriminator, *g_params, *style_params])
+    distributed.broadcast([discriminator, *g_params, *style_params, *generator.buffers()])
     generator.train()
     discriminator.train()
     if posterior is not None:
