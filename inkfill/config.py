@@ -364,9 +364,20 @@ class CompletionGANConfig:
     shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
     truncation: float = param(1.0, "sampling: z ~ truncation * N(0, I)")
     candidates: int = param(
-        4,
-        "sampling: draw this many images per image kept and keep the set whose mean in the "
-        "style space is nearest the cell's predicted prototype (herding; 1: plain draws)",
+        16,
+        "sampling: candidate noises per image kept; keep the set whose mean code in the style "
+        "space is nearest the cell's predicted code (herding; 1: plain draws)",
+    )
+    herd: str = param(
+        "predicted",
+        "sampling: how herding scores a candidate: 'predicted' (its embedding as the draw "
+        "predictor guesses it from the noise; only the kept images are drawn) or 'rendered' "
+        "(each candidate drawn and embedded: exact, and candidates times slower)",
+    )
+    predictor_draws: int = param(
+        100_000,
+        "draws (noise, style, label) -> embedding the draw predictor learns from after the GAN "
+        "(0: no predictor; herding then renders every candidate)",
     )
     bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
     seed: int = param(0, "seed of initialisation and training")
@@ -389,6 +400,10 @@ class CompletionGANConfig:
             raise InkfillError("--batch-cells must be >= 1 and --samples-per-cell >= 2")
         if self.steps < 0 or self.shift < 0 or not self.truncation > 0:
             raise InkfillError("--steps and --shift must be >= 0 and --truncation > 0")
+        if self.herd not in ("predicted", "rendered"):
+            raise InkfillError(f"--herd must be 'predicted' or 'rendered', not {self.herd!r}")
+        if self.predictor_draws < 0:
+            raise InkfillError("--predictor-draws must be >= 0 (0: no predictor)")
         if not 0 <= self.predicted_share <= 1 or not self.nce_temperature > 0:
             raise InkfillError("--predicted-share must be in [0, 1] and --nce-temperature > 0")
         weights = ("classify_weight", "feature_weight", "nce_weight", "spread_weight",

@@ -370,3 +370,24 @@ class CodeStyle(nn.Module):
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         style = self.net(self.inp(codes) + self.label(labels))
         return F.layer_norm(style, style.shape[-1:])
+
+
+class DrawPredictor(nn.Module):
+    """(noise (B, nz), style (B, style_dim), label (B,)) -> the embedding (B, dim) that the
+    method's classifier gives the generator's draw G(noise, style, label), without drawing it:
+    completion-gan's herding scores many candidate noises with it and renders only those kept."""
+
+    def __init__(self, nz: int, style_dim: int, n_labels: int, dim: int = 128, hidden: int = 256):
+        super().__init__()
+        self.inp = nn.Linear(nz + style_dim, hidden)
+        self.label = nn.Embedding(n_labels, hidden)
+        self.net = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim)
+        )
+        # The embeddings' mean and scale (set before training): the net learns them unit-sized.
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = self.net(self.inp(torch.cat([z, style], 1)) + self.label(labels))
+        return out * self.scale + self.mean

@@ -32,6 +32,7 @@ TINY = {
         batch_cells=4,
         classifier_epochs=1,
         classifier_width=8,
+        predictor_draws=2000,
     ),
 }
 

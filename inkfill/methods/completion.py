@@ -13,6 +13,10 @@ ridge regression per label that predicts a cell's prototype from the writer's ot
   embedding (feature loss), rank among the label's writers (InfoNCE), spread (pixel distance
   between draws, against the real cell's), plus the cVAE and adversarial terms
   (train.CellLoss in the loop of every personal generator, train.train_personal_gan).
+  A fill keeps, of `candidates` noises per image, the set whose mean code is nearest the cell's
+  predicted code (herding), scoring each candidate by the embedding a small network
+  (models.DrawPredictor, fitted after the GAN) predicts for its draw, so that only the kept
+  images are drawn.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..config import CompletionGANConfig, InkfillError, PredictedRetrievalConfig
 from ..data import WriterMatrix
 from ..models import (
     CodeStyle,
+    DrawPredictor,
     FeatureNet,
     PersonalDiscriminator,
     PersonalGenerator,
@@ -226,8 +231,60 @@ class CompletionGAN(_StyleSpace):
                     )  # fmt: skip
                 self._finish(self.name, modules, done)
             self.history_ = {self.name: done}
-        self.style_.eval()
+            self.style_.eval()
+            self.draw_predictor_ = None
+            if self.predictor_draws:
+                with self._phase("draw predictor"):
+                    self.draw_predictor_, _ = self._fit_draw_predictor(progress)
         del self.embeddings_, self.protos_
+
+    def _fit_draw_predictor(self, progress: bool) -> tuple[DrawPredictor, dict]:
+        """Learn the classifier's embedding of a draw from its (noise, style, label), on
+        `predictor_draws` draws of random cells' predicted styles, 8 noises per cell. The loss
+        weighs how the draws of one cell differ from each other (what herding chooses among) 4x
+        their mean. Seeded from `seed` alone: every rank of a torchrun fit learns the same one."""
+        dev, group = self.device_, PREDICTOR_GROUP
+        n_groups = max(1, self.predictor_draws // group)
+        rng = np.random.default_rng(cell_seed(self.seed, "draw predictor", self.name))
+        gen = torch.Generator().manual_seed(cell_seed(self.seed, "draw predictor", "noise"))
+        shape = self.predicted_.shape
+        rows = np.repeat(rng.integers(0, shape[0], n_groups), group)
+        cols = np.repeat(rng.integers(0, shape[1], n_groups), group)
+        style = self._styles(self.predicted_[rows, cols], cols).cpu()
+        z = torch.randn(len(rows), self.nz, generator=gen)
+        labels = torch.from_numpy(cols)
+        with self._inference():
+            target = embed_images(self.classifier_, self._draw(z, style, labels), dev).float()
+        target = target.cpu().clone()  # a plain tensor, outside inference mode
+        with torch.random.fork_rng(devices=[]):  # the same start whether or not the GAN resumed
+            torch.manual_seed(cell_seed(self.seed, "draw predictor", "init"))
+            net = DrawPredictor(self.nz, self.style_dim, shape[1], target.shape[1]).to(dev)
+        net.mean.copy_(target.mean(0))
+        net.scale.fill_(float((target - net.mean).square().mean().sqrt()))
+        per_step = max(1, PREDICTOR_BATCH // group)
+        steps = PREDICTOR_EPOCHS * max(1, n_groups // per_step)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        losses = []
+        with tqdm(total=steps, desc="draw predictor", disable=not progress) as bar:
+            for _ in range(PREDICTOR_EPOCHS):
+                order = torch.randperm(n_groups, generator=gen)
+                for i in range(steps // PREDICTOR_EPOCHS):
+                    cells = order[i * per_step : (i + 1) * per_step]
+                    idx = (cells[:, None] * group + torch.arange(group)).reshape(-1)
+                    miss = net(z[idx].to(dev), style[idx].to(dev), labels[idx].to(dev))
+                    miss = (miss - target[idx].to(dev)) / net.scale  # in units of the spread
+                    miss = miss.reshape(-1, group, target.shape[1])
+                    mean = miss.mean(1, keepdim=True)
+                    loss = mean.square().sum(-1).mean() + 4 * (miss - mean).square().sum(-1).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    losses.append(float(loss.detach()))
+                    bar.update(1)
+        net.eval()
+        return net, {"draws": len(rows), "steps": len(losses), "final_loss": losses[-1]}
 
     def _scaled(self, codes: np.ndarray) -> np.ndarray:
         centred = codes - self.regression_.label_means_[None]
@@ -249,65 +306,103 @@ class CompletionGAN(_StyleSpace):
     def _generate_cells(self, cells, n, seed, rngs=None):
         rngs = rngs or [cell_generator(seed, w, lab) for w, lab in cells]
         m = n * self.candidates
-        z = torch.cat([torch.randn(m, self.nz, generator=g) for g in rngs])
+        z = torch.stack([torch.randn(m, self.nz, generator=g) for g in rngs])
         rows = np.asarray([self.matrix_.row(w) for w, _ in cells], np.int64)
         cols = np.asarray([self.matrix_.col(lab) for _, lab in cells], np.int64)
         codes = self.predicted_[rows, cols]
-        style = self._styles(codes, cols).repeat_interleave(m, dim=0)
-        images = self._draw(self.truncation * z, style, torch.as_tensor(cols).repeat_interleave(m))
-        return list(self._herd(images.reshape(len(cells), m, 28, 28), codes, n))
+        return list(self._herded(self.truncation * z, codes, cols, n))
 
     def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
         """n images of `label` in the style of a writer known only from `images` (any labels)."""
         self.check_fitted()
         col = self.matrix_.col(label)
         code = self.regression_.predict(self._reference_codes(images, labels), col, shots=True)
-        m = n * self.candidates
-        style = self._styles(code, np.asarray([col])).expand(m, -1)
         z = torch.randn(
-            m, self.nz, generator=torch.Generator().manual_seed(cell_seed(seed, name, label))
+            n * self.candidates,
+            self.nz,
+            generator=torch.Generator().manual_seed(cell_seed(seed, name, label)),
         )
-        drawn = self._draw(self.truncation * z, style, torch.full((m,), col))
-        return self._herd(drawn[None], code, n)[0]
+        return self._herded(self.truncation * z[None], code, np.asarray([col]), n)[0]
 
-    def _herd(self, images: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
-        """Keep n of each cell's candidates (C, M, 28, 28): greedily, the image that brings the
-        kept set's mean embedding nearest the cell's predicted prototype (C, k codes). The set is
-        matched as a whole, so its images need not resemble each other, only average right."""
-        if images.shape[1] == n:
-            return images
-        n_cells, m = images.shape[:2]
+    def _herded(self, z: torch.Tensor, codes: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
+        """(C, n, 28, 28) images of C cells from their candidate noises z (C, n * candidates,
+        nz), predicted codes (C, k) and label columns (C,). With more candidates than images,
+        every HERD_BLOCK consecutive images of a cell are those of its HERD_BLOCK * candidates
+        whose mean, in the regression's code space (the embedding's principal components of
+        writer style), is nearest the cell's predicted code (`herd`): each block averages right
+        and the cost grows linearly with n. Candidates are scored by the draw predictor, or
+        drawn and embedded (herd="rendered", or a run without a predictor)."""
+        n_cells, m, nz = z.shape
+        per = m // n if n else 1
+        style = self._styles(codes, cols).cpu()
+        labels = torch.from_numpy(cols)
+        if per == 1 or n == 0:
+            flat = z.reshape(-1, nz)
+            images = self._draw(flat, style.repeat_interleave(m, 0), labels.repeat_interleave(m))
+            return images.reshape(n_cells, m, 28, 28)
+        predicted = self.herd == "predicted" and getattr(self, "draw_predictor_", None) is not None
+        target = torch.from_numpy(codes).double()
+        components = torch.from_numpy(self.regression_.components_).to(self.device_)
+        mean = torch.from_numpy(self.regression_.mean_).to(self.device_)
+        kept_z = torch.empty(n_cells, n, nz)
+        out = np.empty((n_cells, n, 28, 28), np.uint8)
+        for start in range(0, n, HERD_BLOCK):
+            b = min(HERD_BLOCK, n - start)
+            block = z[:, start * per : (start + b) * per]  # (C, b * per, nz)
+            step = max(1, HERD_CANDIDATES // (b * per))
+            for s in range(0, n_cells, step):
+                part = block[s : s + step]
+                g = len(part)
+                flat = part.reshape(-1, nz)
+                st = style[s : s + step].repeat_interleave(b * per, 0)
+                lab = labels[s : s + step].repeat_interleave(b * per)
+                if predicted:
+                    emb = self._predict_draws(flat, st, lab)
+                else:
+                    images = self._draw(flat, st, lab)
+                    with self._inference():
+                        emb = embed_images(self.classifier_, images, self.device_)
+                code = (emb - mean) @ components.T  # the regression's code space
+                picks = herd(code.reshape(g, b * per, -1), target[s : s + step], b).cpu()
+                if predicted:
+                    kept_z[s : s + step, start : start + b] = part[torch.arange(g)[:, None], picks]
+                else:
+                    chosen = images.reshape(g, b * per, 28, 28)[np.arange(g)[:, None], picks]
+                    out[s : s + step, start : start + b] = chosen
+        if predicted:
+            images = self._draw(
+                kept_z.reshape(-1, nz), style.repeat_interleave(n, 0), labels.repeat_interleave(n)
+            )
+            out = images.reshape(n_cells, n, 28, 28)
+        return out
+
+    def _predict_draws(self, z, style, labels, chunk: int = 8192) -> torch.Tensor:
+        """The draw predictor's embeddings (N, dim) of N candidates (bf16 like the generator's
+        forward passes when the run trained in bf16; 2.8x the candidates/s on the 2 cores)."""
+        dev, net = self.device_, self.draw_predictor_
         with self._inference():
-            emb = embed_images(self.classifier_, images.reshape(-1, 28, 28), self.device_)
-        with torch.inference_mode():
-            emb = emb.double().reshape(n_cells, m, -1)  # float64: ties break alike in any batch
-            target = torch.from_numpy(self.regression_.embed(codes)).to(emb)
-            # |(total + e) / (k + 1) - target|^2 is least where |e|^2 - 2 e.(r) is, with
-            # r = (k + 1) target - total: one (C, M) product a step, never a (C, M, dim) one.
-            sq = emb.square().sum(-1)
-            total = torch.zeros_like(target)
-            taken = torch.zeros(n_cells, m, dtype=torch.bool, device=emb.device)
-            every = torch.arange(n_cells, device=emb.device)
-            picks = []
-            for k in range(n):
-                r = (k + 1) * target - total
-                miss = sq - 2 * torch.bmm(emb, r[:, :, None])[..., 0]
-                pick = miss.masked_fill(taken, float("inf")).argmin(1)
-                taken[every, pick] = True
-                total += emb[every, pick]
-                picks.append(pick)
-        order = torch.stack(picks, 1).cpu().numpy() if picks else np.zeros((n_cells, 0), int)
-        return images[np.arange(n_cells)[:, None], order]
+            parts = [
+                net(z[s : s + chunk].to(dev), style[s : s + chunk].to(dev),
+                    labels[s : s + chunk].to(dev)).float()
+                for s in range(0, len(z), chunk)
+            ]  # fmt: skip
+        return torch.cat(parts)
 
     # G(z, style, label) in chunks under the inference context: the same as embed-gan's.
     _draw = _PersonalGAN._draw
 
     def _modules(self):
-        return [self.generator_, self.classifier_, self.style_]
+        return [self.generator_, self.classifier_, self.style_, *self._predictor()]
+
+    def _predictor(self) -> list[torch.nn.Module]:
+        net = getattr(self, "draw_predictor_", None)
+        return [] if net is None else [net]
 
     def _state(self):
         tensors = self._space_state()
-        for name, module in (("generator", self.generator_), ("style", self.style_)):
+        parts = [("generator", self.generator_), ("style", self.style_)]
+        parts += [("draw_predictor", net) for net in self._predictor()]
+        for name, module in parts:
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         return tensors, {"code_scale": self.code_scale_}
 
@@ -324,6 +419,47 @@ class CompletionGAN(_StyleSpace):
             )
             module.eval()
         self.code_scale_ = float(config["code_scale"])
+        self.draw_predictor_ = None  # runs saved before it herd by rendering every candidate
+        if "draw_predictor.inp.weight" in tensors:
+            hidden, dim = tensors["draw_predictor.net.3.weight"].shape[::-1]
+            self.draw_predictor_ = DrawPredictor(self.nz, self.style_dim, n_labels, dim, hidden)
+            self.draw_predictor_.load_state_dict(
+                {k[15:]: v for k, v in tensors.items() if k.startswith("draw_predictor.")}
+            )
+            self.draw_predictor_.eval()
+
+
+HERD_BLOCK = 16  # herding keeps images in blocks of 16 (each of 16 x candidates draws)
+HERD_CANDIDATES = 65_536  # candidates scored at once: memory flat at any --per-cell
+PREDICTOR_GROUP = 8  # noises per cell in the draw predictor's data
+PREDICTOR_BATCH = 256  # draws per step of the draw predictor
+PREDICTOR_EPOCHS = 12
+
+
+def herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, M) -> (B, n) indices: for each of B sets of M candidate embeddings (B, M, d), n of
+    them picked greedily, each the one that brings the picked set's mean nearest the set's
+    target (B, d) (herding, Welling 2009). Computed in float64 so that ties break alike in any
+    batch."""
+    emb = emb.double()
+    target = target.to(emb)
+    # |(total + e) / (k + 1) - target|^2 is least where |e|^2 - 2 e.(r) is, with
+    # r = (k + 1) target - total: one (B, M) product a step, never a (B, M, d) one.
+    sq = emb.square().sum(-1)
+    total = torch.zeros_like(target)
+    taken = torch.zeros(emb.shape[:2], dtype=torch.bool, device=emb.device)
+    every = torch.arange(len(emb), device=emb.device)
+    picks = []
+    for k in range(n):
+        r = (k + 1) * target - total
+        miss = sq - 2 * torch.bmm(emb, r[:, :, None])[..., 0]
+        pick = miss.masked_fill(taken, float("inf")).argmin(1)
+        taken[every, pick] = True
+        total += emb[every, pick]
+        picks.append(pick)
+    if not picks:
+        return torch.zeros(len(emb), 0, dtype=torch.long)
+    return torch.stack(picks, 1)
 
 
 def auto_steps(n_cells: int, batch_cells: int, passes: int = 20) -> int:
