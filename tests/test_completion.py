@@ -166,7 +166,6 @@ def test_herding_keeps_draws_of_its_own_candidates(fitted, matrix, how):
     from inkfill.methods.personal import embed_images
 
     code, cols, z, pool = _cell_pool(fitted, matrix, 32)
-    target = fitted.regression_.embed(code[0])
     fitted.herd = how
     try:
         kept = fitted._herded(z, code, cols, 8)[0]  # 8 of 32: 4 candidates per image
@@ -175,12 +174,12 @@ def test_herding_keeps_draws_of_its_own_candidates(fitted, matrix, how):
     index = [int(np.flatnonzero((pool == k).all(axis=(1, 2)))[0]) for k in kept]
     assert len(set(index)) == 8  # eight distinct candidates, drawn as the plain draws are
 
-    def miss(images):
+    def miss(images):  # in the code space herding works in
         with fitted._inference():
             emb = embed_images(fitted.classifier_, images, "cpu").float().numpy()
-        return float(((emb.mean(0) - target) ** 2).sum())
+        return float(((fitted.regression_.codes(emb).mean(0) - code[0]) ** 2).sum())
 
-    if how == "rendered":  # exact: the kept set's mean is nearer the prediction
+    if how == "rendered":  # exact: the kept set's mean code is nearer the prediction
         assert miss(kept) < miss(pool[:8])
 
 
