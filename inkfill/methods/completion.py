@@ -259,8 +259,8 @@ class CompletionGAN(_StyleSpace):
         with torch.random.fork_rng(devices=[]):  # the same start whether or not the GAN resumed
             torch.manual_seed(cell_seed(self.seed, "draw predictor", "init"))
             net = DrawPredictor(self.nz, self.style_dim, shape[1], target.shape[1]).to(dev)
-        net.mean.copy_(target.mean(0))
-        net.scale.fill_(float((target - net.mean).square().mean().sqrt()))
+        net.mean.copy_(target.mean(0))  # target stays on the CPU: a batch at a time to the device
+        net.scale.fill_(float((target - target.mean(0)).square().mean().sqrt()))
         per_step = max(1, PREDICTOR_BATCH // group)
         steps = PREDICTOR_EPOCHS * max(1, n_groups // per_step)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
