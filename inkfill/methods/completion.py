@@ -344,8 +344,10 @@ class CompletionGAN(_StyleSpace):
         target = torch.from_numpy(codes).double()
         components = torch.from_numpy(self.regression_.components_).to(self.device_)
         mean = torch.from_numpy(self.regression_.mean_).to(self.device_)
-        kept_z = torch.empty(n_cells, n, nz)
-        out = np.empty((n_cells, n, 28, 28), np.uint8)
+        if predicted:  # the kept noises, drawn at the end
+            kept_z = torch.empty(n_cells, n, nz)
+        else:  # the kept images, picked among the drawn candidates
+            out = np.empty((n_cells, n, 28, 28), np.uint8)
         for start in range(0, n, HERD_BLOCK):
             b = min(HERD_BLOCK, n - start)
             block = z[:, start * per : (start + b) * per]  # (C, b * per, nz)
