@@ -4,11 +4,11 @@ writes (runs, checkpoints), every rank reads.
 
     torchrun --nproc_per_node 2 -m inkfill fit --method completion-gan --out runs/ddp
 
-Two ways to keep the ranks' models equal: cluster-gan's plain DCGAN steps wrap G and D in
-PyTorch's DistributedDataParallel (`wrap`); the personal generators' steps take a second
-derivative (R1) and compute losses outside any one module's forward, which DDP does not support,
-so, as StyleGAN2-ADA's training loop does, they start from rank 0's weights (`broadcast`) and
-average each step's gradients with one all-reduce per optimiser (`average_gradients`).
+The ranks' models stay equal the same way for every GAN (train.adversarial, the one loop) and
+for the feature networks: the personal generators' steps take a second derivative (R1) and
+compute losses outside any one module's forward, which DistributedDataParallel does not support,
+so, as StyleGAN2-ADA's training loop does, every loop starts from rank 0's weights (`broadcast`)
+and averages each step's gradients with one all-reduce per optimiser (`average_gradients`).
 
 Outside torchrun (no WORLD_SIZE in the environment) everything here is a no-op, so the training
 loops call it unconditionally.
@@ -16,7 +16,6 @@ loops call it unconditionally.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -74,25 +73,6 @@ def teardown() -> None:
     if active():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def wrap(module: nn.Module) -> nn.Module:
-    """DistributedDataParallel(module) when training in a group, else the module itself. DDP
-    broadcasts rank 0's initial weights, so every rank starts from the same model."""
-    if not active():
-        return module
-    device = next(module.parameters()).device
-    return nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None
-    )
-
-
-def no_sync(module: nn.Module):
-    """Skip the gradient all-reduce of a wrapped module for one backward pass (its gradients are
-    thrown away anyway, e.g. D's in the generator's step)."""
-    if isinstance(module, nn.parallel.DistributedDataParallel):
-        return module.no_sync()
-    return contextlib.nullcontext()
 
 
 def barrier() -> None:

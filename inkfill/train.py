@@ -1,6 +1,10 @@
-"""Plain training functions, one explicit loop each; losses are small functions beside them.
+"""Training: one adversarial loop for every GAN (`adversarial`), the feature network's loop, and
+the losses beside them.
 
-Everything here takes tensors that already sit on the training device, never paths.
+A GAN is a `Game`: what its generator and discriminator train, how a step's batch is drawn, and
+the two losses of a step as named terms. The loop owns the rest: optimisers, autocast, gradient
+averaging under torchrun, logging, checkpoints and progress (as EDM's one training loop beside its
+loss objects). Everything here takes tensors that already sit on the training device, never paths.
 """
 
 from __future__ import annotations
@@ -61,6 +65,137 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+class Game:
+    """One GAN for `adversarial`: what it trains and how a step scores it.
+
+    - `modules`: every module of the game (switched to train mode for the loop, eval after; their
+      buffers are rank 0's at the end under torchrun);
+    - `g_groups`: the generator side's Adam parameter groups (dicts with "params", optionally
+      "lr_scale", a multiple of the loop's lr), `d_params` the discriminator's parameters;
+    - `keys`: the names `d_loss` and `g_loss` log besides "loss_d" and "loss_g", in log order;
+    - `sample()`: the step's batch; `d_loss(batch)` -> (D's loss, logged terms, state for
+      `g_loss`), `g_loss(batch, state)` -> (G's loss, logged terms), both called under the
+      loop's autocast (a term that needs float32 disables it itself).
+    """
+
+    modules: list[nn.Module]
+    g_groups: list[dict]
+    d_params: list[nn.Parameter]
+    keys: tuple[str, ...]
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def d_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        raise NotImplementedError
+
+    def g_loss(self, batch: dict, state: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def adversarial(
+    game: Game,
+    *,
+    steps: int,
+    lr: float,
+    beta1: float,
+    rng: torch.Generator,
+    device: torch.device,
+    bf16: bool = False,
+    log_every: int = 10,
+    progress=None,
+    checkpoint: Loop | None = None,
+    sampler: Batches | None = None,
+) -> dict[str, list[float]]:
+    """The one adversarial loop: alternating D and G steps of `game`, Adam(lr, (beta1, 0.999))
+    on each side, bf16 autocast where asked. Under torchrun every rank starts from rank 0's
+    weights and each step's gradients are averaged over the ranks (one all-reduce per side); the
+    game draws this rank's data and `rng` is this rank's noise. Returns the loss history, means
+    over every `log_every` steps; a non-finite D or G loss stops training with a clear error. With
+    a `checkpoint` (checkpoint.Loop) the loop saves its state (and `sampler`'s place) at log
+    boundaries and, if a saved state of this loop exists, continues from it. `progress` is a tqdm
+    bar or None."""
+    groups = [
+        {"params": list(g["params"]), "lr": lr * g.get("lr_scale", 1.0)} for g in game.g_groups
+    ]
+    g_params = [p for g in groups for p in g["params"]]
+    opt_g = torch.optim.Adam(groups, lr=lr, betas=(beta1, 0.999))
+    opt_d = torch.optim.Adam(game.d_params, lr=lr, betas=(beta1, 0.999))
+    distributed.broadcast([*game.modules, *g_params, *game.d_params])
+    for module in game.modules:
+        module.train()
+    losses = _LossLog(("loss_d", "loss_g", *game.keys), steps, log_every)
+    start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress, sampler)
+    for step in range(start + 1, steps + 1):
+        batch = game.sample()
+        with autocast(device, bf16):
+            loss_d, logged, state = game.d_loss(batch)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        distributed.average_gradients(game.d_params)
+        opt_d.step()
+
+        with autocast(device, bf16):
+            loss_g, more = game.g_loss(batch, state)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        distributed.average_gradients(g_params)
+        opt_g.step()
+
+        with torch.no_grad():
+            logged.update(more)
+            losses.add(step, (loss_d, loss_g, *(logged[k] for k in game.keys)))
+        losses.save(checkpoint, step)
+        if progress is not None:
+            progress.update(1)
+    # Batch-norm statistics are each rank's own: end with rank 0's everywhere.
+    distributed.broadcast([b for m in game.modules for b in m.buffers()])
+    for module in game.modules:
+        module.eval()
+    return losses.history
+
+
+class _DCGAN(Game):
+    """cluster-gan's game: DCGAN (BCE) on real images, conditional on `classes` when given, with
+    negative data augmentation (`negatives`) on D's side."""
+
+    keys = ("d_real", "d_fake")
+
+    def __init__(self, generator, discriminator, real, classes, index, mine, rng, negatives,
+                 negative_weight):  # fmt: skip
+        self.generator, self.discriminator = generator, discriminator
+        self.modules = [generator, discriminator]
+        self.g_groups = [{"params": [*generator.parameters()]}]
+        self.d_params = [*discriminator.parameters()]
+        self.real, self.classes, self.index, self.mine, self.rng = real, classes, index, mine, rng
+        self.negatives, self.negative_weight = negatives, negative_weight
+
+    def sample(self):
+        idx = self.mine[next(self.index)].to(self.real.device)
+        z = torch.randn(len(idx), self.generator.nz, generator=self.rng).to(self.real.device)
+        return {"idx": idx, "real": self.real[idx], "z": z,
+                "classes": None if self.classes is None else self.classes[idx]}  # fmt: skip
+
+    def d_loss(self, batch):
+        y, disc = batch["classes"], self.discriminator
+        fake = self.generator(batch["z"], y)
+        real_logits = disc(batch["real"], y)
+        fake_logits = disc(fake.detach(), y)
+        loss = bce_d_loss(real_logits.float(), fake_logits.float())
+        if self.negatives is not None and self.negative_weight > 0:
+            neg_x, neg_y = self.negatives(batch["idx"], self.rng)
+            if len(neg_x):
+                loss = loss + self.negative_weight * F.softplus(disc(neg_x, neg_y).float()).mean()
+        logged = {
+            "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+            "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+        }
+        return loss, logged, {"fake": fake}
+
+    def g_loss(self, batch, state):
+        return bce_g_loss(self.discriminator(state["fake"], batch["classes"]).float()), {}
+
+
 def train_gan(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -80,99 +215,33 @@ def train_gan(
     checkpoint: Loop | None = None,
     memory_format: torch.memory_format = torch.channels_last,
 ) -> dict[str, list[float]]:
-    """DCGAN training (Radford et al.): BCE loss, Adam(lr, (beta1, 0.999)), alternating D and G.
+    """DCGAN training (Radford et al.): BCE loss, Adam(lr, (beta1, 0.999)), alternating D and G,
+    in `adversarial`.
 
     real: (N, 1, 28, 28) in [-1, 1]; classes: (N,) ids for a conditional pair, else None.
     Fake images are drawn for the classes of each real batch. With `negatives`, a function of the
     batch's indices and the loop's random generator returning real (images, classes) that must
-    count as fake, the discriminator
-    also learns to reject them with weight `negative_weight` (negative data augmentation, Sinha
-    et al. 2021; for a conditional pair, mismatched classes as in Reed et al. 2016). Returns the
-    loss history, one entry per `log_every` steps (means over those steps). `progress` is a tqdm
-    bar or None. With a `checkpoint` (checkpoint.Loop) the loop saves its state every so many
-    steps and, if a saved state of this loop exists, continues from it.
+    count as fake, the discriminator also learns to reject them with weight `negative_weight`
+    (negative data augmentation, Sinha et al. 2021; for a conditional pair, mismatched classes as
+    in Reed et al. 2016). Returns the loss history (loss_d, loss_g, and D's mean output on real
+    and fake images), one entry per `log_every` steps.
     """
-    device = real.device
     # NHWC (channels_last) lets oneDNN (CPU) and cuDNN pick faster convolution kernels.
     generator.to(memory_format=memory_format)
     discriminator.to(memory_format=memory_format)
     real = real.contiguous(memory_format=memory_format)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
-    generator.train()
-    discriminator.train()
-    # Under torchrun: DDP-wrapped models, batches from this rank's shard, noise of its own.
-    gen, disc = distributed.wrap(generator), distributed.wrap(discriminator)
+    # Under torchrun: batches from this rank's shard, noise of its own.
     mine = distributed.shard(len(real))
     if distributed.active():
         seed = int(torch.randint(2**62, (1,), generator=rng)) + distributed.rank()
         rng = torch.Generator().manual_seed(seed)
-    history: dict[str, list[float]] = {
-        "step": [],
-        "loss_d": [],
-        "loss_g": [],
-        "d_real": [],
-        "d_fake": [],
-    }
-    sums = torch.zeros(4)
     index = Batches(len(mine), batch_size, rng)
-    start = 0
-    if checkpoint is not None:
-        start, saved = checkpoint.resume({"g": opt_g, "d": opt_d}, rng, index)
-        history = saved or history
-        if progress is not None:
-            progress.update(start)
-    for step in range(start + 1, steps + 1):
-        idx = mine[next(index)].to(device)
-        x = real[idx]
-        y = None if classes is None else classes[idx]
-        z = torch.randn(len(idx), generator.nz, generator=rng).to(device)
-        with autocast(device, bf16):
-            fake = gen(z, y)
-            real_logits = disc(x, y)
-            fake_logits = disc(fake.detach(), y)
-            loss_d = bce_d_loss(real_logits.float(), fake_logits.float())
-            if negatives is not None and negative_weight > 0:
-                neg_x, neg_y = negatives(idx, rng)
-                if len(neg_x):
-                    neg_logits = disc(neg_x, neg_y).float()
-                    loss_d = loss_d + negative_weight * F.softplus(neg_logits).mean()
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        with distributed.no_sync(disc):  # D's gradients from this pass are discarded
-            with autocast(device, bf16):
-                loss_g = bce_g_loss(disc(fake, y).float())
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-        opt_g.step()
-
-        sums += torch.stack(
-            [
-                loss_d.detach().cpu(),
-                loss_g.detach().cpu(),
-                torch.sigmoid(real_logits.detach().float()).mean().cpu(),
-                torch.sigmoid(fake_logits.detach().float()).mean().cpu(),
-            ]
-        )
-        if step % log_every == 0 or step == steps:
-            n = (step - 1) % log_every + 1
-            means = (sums / n).tolist()
-            history["step"].append(step)
-            for key, value in zip(("loss_d", "loss_g", "d_real", "d_fake"), means):
-                history[key].append(value)
-            sums.zero_()
-            if not all(map(_finite, means[:2])):
-                raise FloatingPointError(
-                    f"non-finite GAN loss at step {step}: D {means[0]}, G {means[1]}"
-                )
-            if checkpoint is not None:  # only at a log boundary: the running sums are zero
-                checkpoint.step(step, history)
-        if progress is not None:
-            progress.update(1)
-    generator.eval()
-    discriminator.eval()
-    return history
+    game = _DCGAN(generator, discriminator, real, classes, index, mine, rng, negatives,
+                  negative_weight)  # fmt: skip
+    return adversarial(
+        game, steps=steps, lr=lr, beta1=beta1, rng=rng, device=real.device, bf16=bf16,
+        log_every=log_every, progress=progress, checkpoint=checkpoint, sampler=index,
+    )  # fmt: skip
 
 
 def _finite(v: float) -> bool:
@@ -264,11 +333,11 @@ class _LossLog:
         if not all(map(_finite, means[:2])):
             raise FloatingPointError(f"non-finite loss at step {step}: D {means[0]}, G {means[1]}")
 
-    def resume(self, checkpoint: Loop | None, optimizers, rng, progress) -> int:
+    def resume(self, checkpoint: Loop | None, optimizers, rng, progress, sampler=None) -> int:
         """Continue from the loop's last checkpoint, if any: returns the step to start after."""
         if checkpoint is None:
             return 0
-        start, saved = checkpoint.resume(optimizers, rng)
+        start, saved = checkpoint.resume(optimizers, rng, sampler)
         if saved is not None:
             self.history = saved
         if progress is not None:
@@ -320,6 +389,54 @@ def _ssim(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float) -> torch.
     return s.mean()
 
 
+class _CollaGAN(Game):
+    """CollaGAN's game (see train_collagan)."""
+
+    keys = ("adv", "recon", "ssim", "cycle", "d_label_acc")
+
+    def __init__(self, generator, discriminator, sample, n_labels, weights, shift, rng):
+        self.generator, self.discriminator, self.sample = generator, discriminator, sample
+        self.modules = [generator, discriminator]
+        self.g_groups = [{"params": [*generator.parameters()]}]
+        self.d_params = [*discriminator.parameters()]
+        self.weights, self.shift, self.rng = weights, shift, rng
+        device = next(generator.parameters()).device
+        self.eye = torch.eye(n_labels, device=device)[:, :, None, None].expand(-1, -1, 28, 28)
+
+    def judge(self, images, labels):
+        images = random_shift(images, self.shift, self.rng) if self.shift else images
+        return self.discriminator(images, labels)
+
+    def d_loss(self, batch):
+        cols, target = batch["target_col"], batch["target"]
+        fake = self.generator(torch.cat([batch["inputs"], self.eye[cols]], 1))
+        real_logit, real_cls = self.judge(target, cols)
+        fake_logit, _ = self.judge(fake.detach(), cols)
+        loss = bce_d_loss(real_logit.float(), fake_logit.float())
+        loss = loss + self.weights["label"] * F.cross_entropy(real_cls.float(), cols)
+        acc = (real_cls.detach().argmax(1) == cols).float().mean()
+        return loss, {"d_label_acc": acc}, {"fake": fake}
+
+    def g_loss(self, batch, state):
+        w, fake = self.weights, state["fake"]
+        cols, target = batch["target_col"], batch["target"]
+        fake_logit, fake_cls = self.judge(fake, cols)
+        adv = bce_g_loss(fake_logit.float())
+        adv = adv + w["label"] * F.cross_entropy(fake_cls.float(), cols)
+        fake01 = (fake.float() + 1) / 2
+        recon = (fake.float() - target).abs().mean()
+        sim = 1 - ssim(fake01, (target + 1) / 2)
+        # Multiple cycle: the fill, put back among the inputs, must let G redraw another label.
+        inputs = batch["cycle_inputs"].clone()
+        inputs[torch.arange(len(cols), device=inputs.device), cols] = fake01[:, 0].to(inputs.dtype)
+        again = self.generator(torch.cat([inputs, self.eye[batch["cycle_col"]]], 1)).float()
+        cycle = (again - batch["cycle_target"]).abs().mean() + (
+            1 - ssim((again + 1) / 2, (batch["cycle_target"] + 1) / 2)
+        )
+        loss = adv + w["recon"] * recon + w["ssim"] * sim + w["cycle"] * cycle
+        return loss, {"adv": adv, "recon": recon, "ssim": sim, "cycle": cycle}
+
+
 def train_collagan(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -327,20 +444,21 @@ def train_collagan(
     *,
     steps: int,
     n_labels: int,
-    lr: float = 2e-4,
-    beta1: float = 0.5,
-    recon_weight: float = 10.0,
-    ssim_weight: float = 1.0,
-    cycle_weight: float = 10.0,
-    label_weight: float = 1.0,
-    shift: int = 2,
+    lr: float,
+    beta1: float,
+    recon_weight: float,
+    ssim_weight: float,
+    cycle_weight: float,
+    label_weight: float,
+    shift: int,
     rng: torch.Generator,
     bf16: bool = False,
     log_every: int = 10,
     progress=None,
     checkpoint: Loop | None = None,
 ) -> dict[str, list[float]]:
-    """Train CollaGAN: G(the writer's other label images, target mask) -> the target image.
+    """Train CollaGAN: G(the writer's other label images, target mask) -> the target image, in
+    `adversarial`. Every weight comes from the method's config (no defaults here).
 
     Each step `sample()` gives, per observed target cell: "inputs" (B, L, 28, 28) the writer's
     images of the other labels (ink in [0, 1], zeros where missing or randomly dropped),
@@ -351,64 +469,14 @@ def train_collagan(
     target; and the multiple-cycle loss: with the generated image put in the target's channel,
     G must redraw the cycle label's real image, weighted by `cycle_weight` (L1 + SSIM).
     """
+    weights = {"recon": recon_weight, "ssim": ssim_weight, "cycle": cycle_weight,
+               "label": label_weight}  # fmt: skip
+    game = _CollaGAN(generator, discriminator, sample, n_labels, weights, shift, rng)
     device = next(generator.parameters()).device
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
-    distributed.broadcast([generator, discriminator])  # under torchrun: rank 0's weights
-    generator.train()
-    discriminator.train()
-    eye = torch.eye(n_labels, device=device)[:, :, None, None].expand(-1, -1, 28, 28)
-    keys = ("loss_d", "loss_g", "adv", "recon", "ssim", "cycle", "d_label_acc")
-    losses = _LossLog(keys, steps, log_every)
-    start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress)
-
-    def judge(images, labels):
-        return discriminator(random_shift(images, shift, rng) if shift else images, labels)
-
-    for step in range(start + 1, steps + 1):
-        batch = sample()
-        cols, target = batch["target_col"], batch["target"]
-        with autocast(device, bf16):
-            fake = generator(torch.cat([batch["inputs"], eye[cols]], 1))
-            real_logit, real_cls = judge(target, cols)
-            fake_logit, _ = judge(fake.detach(), cols)
-            loss_d = bce_d_loss(real_logit.float(), fake_logit.float())
-            loss_d = loss_d + label_weight * F.cross_entropy(real_cls.float(), cols)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        distributed.average_gradients(discriminator.parameters())
-        opt_d.step()
-
-        with autocast(device, bf16):
-            fake_logit, fake_cls = judge(fake, cols)
-            adv = bce_g_loss(fake_logit.float())
-            adv = adv + label_weight * F.cross_entropy(fake_cls.float(), cols)
-            fake01 = (fake.float() + 1) / 2
-            recon = (fake.float() - target).abs().mean()
-            sim = 1 - ssim(fake01, (target + 1) / 2)
-            # Multiple cycle: the fill, put back among the inputs, must let G redraw another label.
-            inputs = batch["cycle_inputs"].clone()
-            inputs[torch.arange(len(cols), device=device), cols] = fake01[:, 0].to(inputs.dtype)
-            again = generator(torch.cat([inputs, eye[batch["cycle_col"]]], 1)).float()
-            cycle = (again - batch["cycle_target"]).abs().mean() + (
-                1 - ssim((again + 1) / 2, (batch["cycle_target"] + 1) / 2)
-            )
-            loss_g = adv + recon_weight * recon + ssim_weight * sim + cycle_weight * cycle
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        distributed.average_gradients(generator.parameters())
-        opt_g.step()
-
-        with torch.no_grad():
-            acc = (real_cls.argmax(1) == cols).float().mean()
-            losses.add(step, (loss_d, loss_g, adv, recon, sim, cycle, acc))
-        losses.save(checkpoint, step)
-        if progress is not None:
-            progress.update(1)
-    distributed.broadcast([*generator.buffers(), *discriminator.buffers()])
-    generator.eval()
-    discriminator.eval()
-    return losses.history
+    return adversarial(
+        game, steps=steps, lr=lr, beta1=beta1, rng=rng, device=device, bf16=bf16,
+        log_every=log_every, progress=progress, checkpoint=checkpoint,
+    )  # fmt: skip
 
 
 class _GeneratorLoss:
@@ -574,6 +642,74 @@ class CellLoss(_GeneratorLoss):
         return out
 
 
+class _PersonalGame(Game):
+    """The personal generators' game (see train_personal_gan)."""
+
+    def __init__(self, generator, discriminator, style_of, style_params, sample, loss, posterior,
+                 *, style_lr, samples_per_cell, label_weight, r1_weight, judge_style, shift,
+                 rng):  # fmt: skip
+        self.generator, self.discriminator, self.posterior = generator, discriminator, posterior
+        self.modules = [m for m in (generator, discriminator, posterior) if m is not None]
+        g_params = [*generator.parameters(), *loss.params,
+                    *(posterior.parameters() if posterior else [])]  # fmt: skip
+        self.g_groups = [{"params": g_params},
+                         {"params": list(style_params), "lr_scale": style_lr}]  # fmt: skip
+        self.d_params = [*discriminator.parameters()]
+        self.style_of, self.sample, self.loss = style_of, sample, loss
+        self.m, self.label_weight, self.r1_weight = samples_per_cell, label_weight, r1_weight
+        self.judge_style, self.shift, self.rng = judge_style, shift, rng
+        self.keys = ("adv", *loss.terms, *(["r1"] if r1_weight > 0 else []), "d_label_acc")
+
+    def judge(self, images, labels, style):
+        images = random_shift(images, self.shift, self.rng) if self.shift else images
+        return self.discriminator(images, labels, style if self.judge_style else None)
+
+    def d_loss(self, batch):
+        labels, m, rng = batch["labels"], self.m, self.rng
+        device = labels.device
+        labels_m = labels.repeat_interleave(m)
+        style = self.style_of(batch)  # (B, style_dim)
+        style_m = style.repeat_interleave(m, dim=0)
+        z = torch.randn(len(labels_m), self.generator.nz, generator=rng).to(device)
+        fake = self.generator(z, style_m, labels_m)  # (B*m, 1, 28, 28)
+        recon = mu = logvar = None
+        fakes, fake_labels, fake_style = fake, labels_m, style_m
+        if self.posterior is not None:
+            # cVAE: redraw each real image from its inferred noise and the writer's style; D
+            # judges these reconstructions as fakes too.
+            mu, logvar = self.posterior(batch["real"], labels, style)
+            eps = torch.randn(mu.shape, generator=rng).to(device)
+            recon = self.generator(mu + eps * (0.5 * logvar).exp(), style, labels)
+            fakes = torch.cat([fake, recon])
+            fake_labels = torch.cat([labels_m, labels])
+            fake_style = torch.cat([style_m, style])
+        real_logit, real_cls = self.judge(batch["real"], labels, style.detach())
+        fake_logit, _ = self.judge(fakes.detach(), fake_labels, fake_style.detach())
+        loss = bce_d_loss(real_logit.float(), fake_logit.float())
+        loss = loss + self.label_weight * F.cross_entropy(real_cls.float(), labels)
+        logged = {"d_label_acc": (real_cls.detach().argmax(1) == labels).float().mean()}
+        if self.r1_weight > 0:  # in fp32 whatever the autocast: a second derivative
+            with torch.autocast(device.type, enabled=False):
+                real = batch["real"].detach().requires_grad_(True)
+                logit, _ = self.judge(real, labels, style.detach().float())
+                (grad,) = torch.autograd.grad(logit.sum(), real, create_graph=True)
+                logged["r1"] = grad.pow(2).sum((1, 2, 3)).mean()
+            loss = loss + 0.5 * self.r1_weight * logged["r1"]
+        state = dict(fake=fake, fakes=fakes, fake_labels=fake_labels, fake_style=fake_style,
+                     style=style, recon=recon, mu=mu, logvar=logvar)  # fmt: skip
+        return loss, logged, state
+
+    def g_loss(self, batch, state):
+        fake_logit, fake_cls = self.judge(
+            state["fakes"], state["fake_labels"], state["fake_style"].detach()
+        )
+        adv = bce_g_loss(fake_logit.float())
+        adv = adv + self.label_weight * F.cross_entropy(fake_cls.float(), state["fake_labels"])
+        terms = self.loss(state["fake"], batch, self.m, state["style"], state["recon"],
+                          state["mu"], state["logvar"])  # fmt: skip
+        return adv + self.loss.total(terms), {"adv": adv, **terms}
+
+
 def train_personal_gan(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -598,8 +734,8 @@ def train_personal_gan(
     progress=None,
     checkpoint: Loop | None = None,
 ) -> dict[str, list[float]]:
-    """The one adversarial loop of the personal generators G(z, style, label) (embed-gan,
-    encoder-gan, completion-gan); what differs between them is `style_of` and `loss`.
+    """The personal generators G(z, style, label) (embed-gan, encoder-gan, completion-gan) in
+    `adversarial`; what differs between them is `style_of` and `loss`.
 
     Each step `sample()` gives B observed cells: "rows", "labels", "real" (one real image each)
     and whatever `style_of` (batch -> style codes (B, style_dim): a table lookup, a set encoder,
@@ -613,92 +749,13 @@ def train_personal_gan(
     Mescheder et al. 2018), which keeps D from overpowering G. Every weight comes from the
     method's config (no defaults here, so there is one source).
     """
+    game = _PersonalGame(
+        generator, discriminator, style_of, style_params, sample, loss, posterior,
+        style_lr=style_lr, samples_per_cell=samples_per_cell, label_weight=label_weight,
+        r1_weight=r1_weight, judge_style=judge_style, shift=shift, rng=rng,
+    )  # fmt: skip
     device = next(generator.parameters()).device
-    g_params = [*generator.parameters(), *loss.params,
-                *(posterior.parameters() if posterior else [])]  # fmt: skip
-    opt_g = torch.optim.Adam(
-        [{"params": g_params}, {"params": style_params, "lr": lr * style_lr}],
-        lr=lr,
-        betas=(beta1, 0.999),
-    )
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
-    # Under torchrun: every rank starts from rank 0's weights, and each step's gradients are
-    # averaged over the ranks (one all-reduce for G's side, one for D); `sample` draws this
-    # rank's cells and `rng` is this rank's noise.
-    distributed.broadcast([discriminator, *g_params, *style_params, *generator.buffers()])
-    generator.train()
-    discriminator.train()
-    if posterior is not None:
-        posterior.train()
-    keys = ("loss_d", "loss_g", "adv", *loss.terms, *(["r1"] if r1_weight > 0 else []))
-    losses = _LossLog((*keys, "d_label_acc"), steps, log_every)
-    m = samples_per_cell
-    start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress)
-
-    def judge(images, labels, style):
-        images = random_shift(images, shift, rng) if shift else images
-        return discriminator(images, labels, style if judge_style else None)
-
-    for step in range(start + 1, steps + 1):
-        batch = sample()
-        labels = batch["labels"]
-        labels_m = labels.repeat_interleave(m)
-        with autocast(device, bf16):
-            style = style_of(batch)  # (B, style_dim)
-            style_m = style.repeat_interleave(m, dim=0)
-            z = torch.randn(len(labels_m), generator.nz, generator=rng).to(device)
-            fake = generator(z, style_m, labels_m)  # (B*m, 1, 28, 28)
-            recon = mu = logvar = None
-            fakes, fake_labels, fake_style = fake, labels_m, style_m
-            if posterior is not None:
-                # cVAE: redraw each real image from its inferred noise and the writer's style;
-                # D judges these reconstructions as fakes too.
-                mu, logvar = posterior(batch["real"], labels, style)
-                eps = torch.randn(mu.shape, generator=rng).to(device)
-                recon = generator(mu + eps * (0.5 * logvar).exp(), style, labels)
-                fakes = torch.cat([fake, recon])
-                fake_labels = torch.cat([labels_m, labels])
-                fake_style = torch.cat([style_m, style])
-            real_logit, real_cls = judge(batch["real"], labels, style.detach())
-            fake_logit, _ = judge(fakes.detach(), fake_labels, fake_style.detach())
-            loss_d = bce_d_loss(real_logit.float(), fake_logit.float())
-            loss_d = loss_d + label_weight * F.cross_entropy(real_cls.float(), labels)
-        extra = ()
-        if r1_weight > 0:  # in fp32: a second derivative
-            real = batch["real"].detach().requires_grad_(True)
-            logit, _ = judge(real, labels, style.detach().float())
-            (grad,) = torch.autograd.grad(logit.sum(), real, create_graph=True)
-            r1 = grad.pow(2).sum((1, 2, 3)).mean()
-            loss_d = loss_d + 0.5 * r1_weight * r1
-            extra = (r1,)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        distributed.average_gradients(discriminator.parameters())
-        opt_d.step()
-
-        with autocast(device, bf16):
-            fake_logit, fake_cls = judge(fakes, fake_labels, fake_style.detach())
-            adv = bce_g_loss(fake_logit.float())
-            adv = adv + label_weight * F.cross_entropy(fake_cls.float(), fake_labels)
-            terms = loss(fake, batch, m, style, recon, mu, logvar)
-            loss_g = adv + loss.total(terms)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        distributed.average_gradients([*g_params, *style_params])
-        opt_g.step()
-
-        with torch.no_grad():
-            acc = (real_cls.argmax(1) == labels).float().mean()
-            named = [terms[k] for k in loss.terms]  # every term the loss lists, in its order
-            losses.add(step, (loss_d, loss_g, adv, *named, *extra, acc))
-        losses.save(checkpoint, step)
-        if progress is not None:
-            progress.update(1)
-    # Batch-norm statistics are each rank's own: end with rank 0's everywhere.
-    distributed.broadcast([b for m in (generator, discriminator, posterior) if m is not None
-                           for b in m.buffers()])  # fmt: skip
-    generator.eval()
-    discriminator.eval()
-    if posterior is not None:
-        posterior.eval()
-    return losses.history
+    return adversarial(
+        game, steps=steps, lr=lr, beta1=beta1, rng=rng, device=device, bf16=bf16,
+        log_every=log_every, progress=progress, checkpoint=checkpoint,
+    )  # fmt: skip

@@ -94,7 +94,13 @@ def test_outside_torchrun_nothing_changes():
     assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.shard(5).tolist() == [0, 1, 2, 3, 4]
     net = torch.nn.Linear(2, 2)
-    assert distributed.wrap(net) is net
+    before = [p.detach().clone() for p in net.parameters()]
+    net(torch.ones(1, 2)).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    distributed.broadcast([net])
+    distributed.average_gradients(net.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
 
 
 def _torchrun(*args, cwd):

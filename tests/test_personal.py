@@ -245,3 +245,31 @@ def test_every_personal_gan_trains_finite_in_bf16(seed):
         m = cls(**params).fit(reduced)
         for term, values in m.history_[cls.name].items():
             assert np.isfinite(values).all(), (cls.name, term)
+
+
+def test_cell_sampler_style_sets_exclude_the_target_and_each_other():
+    """A style set never holds an image of the target cell's label; with two_sets, the second
+    set, of the same writer, excludes it too and shares no image with the first. The first set
+    is drawn as without two_sets (same seed, same first batch)."""
+    from inkfill.methods.personal import _CellSampler
+
+    matrix = WriterMatrix(make_dataset(n_writers=6, seed=5))
+    two = _CellSampler(matrix, "cpu", 16, 6, torch.Generator().manual_seed(3), two_sets=True)
+    one = _CellSampler(matrix, "cpu", 16, 6, torch.Generator().manual_seed(3))
+    first, plain = two(), one()
+    for key in ("rows", "labels", "real", "style_images", "style_mask"):
+        assert torch.equal(first[key], plain[key])
+    writer_of = torch.as_tensor(matrix.rows)
+    both = 0
+    for batch in [first] + [two() for _ in range(20)]:
+        a, b = batch["style_index"], batch["style_b_index"]
+        mask_a, mask_b = batch["style_mask"], batch["style_b_mask"]
+        target = batch["labels"][:, None]
+        assert not ((batch["style_labels"] == target) & mask_a).any()
+        assert not ((batch["style_b_labels"] == target) & mask_b).any()
+        rows = batch["rows"][:, None]
+        assert (writer_of[a] == rows).all() and (writer_of[b] == rows).all()
+        shared = (b[:, :, None] == a[:, None, :]) & mask_b[:, :, None] & mask_a[:, None, :]
+        assert not shared.any()
+        both += int((mask_a.any(1) & mask_b.any(1)).sum())
+    assert both > 0.5 * 21 * 16  # both sets are usually non-empty

@@ -39,8 +39,13 @@ log = logging.getLogger(__name__)
 
 
 class _CellSampler:
-    """Random observed cells with one real image, the cell's mean image, and (for the encoder) a
-    style set: up to `style_images` other images of the same writer with other labels."""
+    """Random observed cells (w, j) of writers with at least two labels (this rank's share under
+    torchrun), each with one real image of the cell, the cell's mean image (and mean embedding,
+    given `embeddings`), and a style set: up to `style_images` images of writer w drawn from
+    their images, of which those of label j are masked out, so that nothing of the target cell
+    reaches a style read from the set. With `two_sets`, a second style set of the same writer
+    ("style_b_*") that excludes label j too and shares no image with the first (two views of one
+    writer, for contrastive terms)."""
 
     def __init__(
         self,
@@ -50,8 +55,10 @@ class _CellSampler:
         style_images: int,
         rng,
         embeddings=None,
+        two_sets: bool = False,
     ):
         self.device, self.batch_cells, self.k, self.rng = device, batch_cells, style_images, rng
+        self.two_sets = two_sets
         rows, cols, members = matrix.cell_table()
         n_labels_of = (matrix.counts > 0).sum(1)
         keep = n_labels_of[rows] >= 2  # a style set needs another label of the same writer
@@ -103,7 +110,7 @@ class _CellSampler:
         size = torch.randint(1, k + 1, (b, 1), generator=g)
         mask = (self.image_cols[style_idx] != cols[:, None]) & (torch.arange(k)[None] < size)
         dev = self.device
-        return {
+        batch = {
             "rows": rows.to(dev),
             "labels": cols.to(dev),
             "real": self.images[real.to(dev)],
@@ -115,6 +122,17 @@ class _CellSampler:
             if self.mean_features is None
             else self.mean_features[cell.to(dev)],
         }
+        if self.two_sets:
+            pos = (torch.rand(b, k, generator=g) * self.writer_counts[rows, None]).long()
+            other = self.writer_images[rows[:, None], pos]  # (B, K)
+            size = torch.randint(1, k + 1, (b, 1), generator=g)
+            in_first = ((other[:, :, None] == style_idx[:, None, :]) & mask[:, None, :]).any(2)
+            keep = (self.image_cols[other] != cols[:, None]) & (torch.arange(k)[None] < size)
+            batch["style_b_images"] = self.images[other.to(dev)]
+            batch["style_b_labels"] = self.image_cols[other].to(dev)
+            batch["style_b_mask"] = (keep & ~in_first).to(dev)
+            batch["style_index"], batch["style_b_index"] = style_idx.to(dev), other.to(dev)
+        return batch
 
 
 class _PersonalGAN(Method):
