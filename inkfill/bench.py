@@ -194,12 +194,13 @@ class Scorer:
     def predicted(self) -> np.ndarray:
         """Each hidden cell's prototype in the judge's space, predicted from its writer's other
         cells (reference halves; for a new writer, their few reference images) by a regression
-        fitted across the reduced data's writers (for new writers, on rows of a few images each,
-        as PrototypeRegression.fit_shots draws them)."""
+        fitted across the reduced data's writers, each weighing as many images as its target cell
+        has (for new writers, on rows of a few images each, as PrototypeRegression.fit_shots
+        draws them)."""
         ref_emb, ref_rows, ref_cols, seed = self._reference
         r = self.reduced
-        protos, _ = cell_prototypes(ref_emb, ref_rows, ref_cols, r.n_writers, r.n_labels)
-        regression = PrototypeRegression(ref_emb.shape[1], seed=seed).fit(protos)
+        protos, counts = cell_prototypes(ref_emb, ref_rows, ref_cols, r.n_writers, r.n_labels)
+        regression = PrototypeRegression(ref_emb.shape[1], seed=seed).fit(protos, counts)
         codes = regression.codes(protos)
         if any(h.reference is not None for h in self.hidden):
             regression.fit_shots(ref_emb, ref_rows, ref_cols, protos)
@@ -494,8 +495,8 @@ def results_markdown(results: dict) -> str:
         "0.05). Diversity is the mean pairwise pixel distance of a cell's images; div ratio the "
         "median over cells of a fill's diversity over the real hidden cell's. `predicted` ranks "
         "the hidden cell's prototype as predicted in the judge's space from the writer's other "
-        "cells by a ridge regression fitted across writers (no images): how predictable a cell "
-        "is.",
+        "cells by a ridge regression fitted across writers, each weighted by the images of their "
+        "target cell (no images): how predictable a cell is.",
     ]
     for name, row in checks:
         lines.append(

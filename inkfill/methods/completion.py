@@ -53,14 +53,16 @@ class _StyleSpace(Method):
         with self._phase("embeddings"):
             emb = embed_images(self.classifier_, matrix.data.images, self.device_).cpu().numpy()
         with self._phase("regressions"):
-            protos, _ = cell_prototypes(
+            protos, counts = cell_prototypes(
                 emb, matrix.rows, matrix.cols, matrix.n_writers, matrix.n_labels
             )
-            self.regression_ = PrototypeRegression(self.n_components, seed=self.seed).fit(protos)
+            self.regression_ = PrototypeRegression(self.n_components, seed=self.seed).fit(
+                protos, counts
+            )
             self.regression_.fit_shots(emb, matrix.rows, matrix.cols, protos)
             self.codes_ = self.regression_.codes(protos)  # (W, L, k), NaN where empty
             self.predicted_ = self.regression_.predict_all(self.codes_)  # (W, L, k)
-        self.embeddings_, self.protos_ = emb, protos
+        self.embeddings_, self.protos_, self.counts_ = emb, protos, counts
 
     def _reference_codes(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """The (1, n_labels, k) code row of a writer known only from `images` with `labels`."""
@@ -107,7 +109,7 @@ class PredictedRetrieval(_StyleSpace):
         self.rows_ = matrix.rows.astype(np.int64)
         self.cols_ = matrix.cols.astype(np.int64)
         self.images_ = matrix.data.images
-        del self.protos_
+        del self.protos_, self.counts_
 
     def _nearest(self, proto: np.ndarray, col: int, n: int, row: int = -1) -> np.ndarray:
         pool = np.flatnonzero((self.cols_ == col) & (self.rows_ != row))
@@ -162,7 +164,7 @@ class CompletionGAN(_StyleSpace):
             dev = self.device_
             codes = self.codes_
             with self._phase("out-of-fold regressions"):
-                oof = self.regression_.out_of_fold(self.protos_)
+                oof = self.regression_.out_of_fold(self.protos_, self.counts_)
             # Codes enter the style network centred on their label and on a unit scale.
             self.code_scale_ = float(np.nanstd(codes - self.regression_.label_means_[None]))
             emb = torch.from_numpy(self.embeddings_).to(dev)
@@ -236,7 +238,7 @@ class CompletionGAN(_StyleSpace):
             if self.predictor_draws:
                 with self._phase("draw predictor"):
                     self.draw_predictor_, _ = self._fit_draw_predictor(progress)
-        del self.embeddings_, self.protos_
+        del self.embeddings_, self.protos_, self.counts_
 
     def _fit_draw_predictor(self, progress: bool) -> tuple[DrawPredictor, dict]:
         """Learn the classifier's embedding of a draw from its (noise, style, label), on
