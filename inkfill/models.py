@@ -391,3 +391,13 @@ class DrawPredictor(nn.Module):
     def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = self.net(self.inp(torch.cat([z, style], 1)) + self.label(labels))
         return out * self.scale + self.mean
+
+    def per_cell(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """forward() for C cells of M candidates each: z (C, M, nz), style (C, style_dim) and
+        labels (C,) -> (C, M, dim). The style's and label's share of the first layer is computed
+        once per cell rather than once per candidate."""
+        nz = z.shape[-1]
+        weight = self.inp.weight
+        cell = style @ weight[:, nz:].T + self.inp.bias + self.label(labels)  # (C, hidden)
+        out = self.net(z @ weight[:, :nz].T + cell[:, None])
+        return out * self.scale + self.mean

@@ -12,6 +12,7 @@ from inkfill.data import WriterMatrix
 from inkfill.methods import load_run
 from inkfill.methods.completion import CompletionGAN, PredictedRetrieval, auto_steps, herd
 from inkfill.methods.personal import auto_classifier_epochs
+from inkfill.models import DrawPredictor
 from inkfill.train import CellLoss
 
 TINY = dict(style_dim=8, nz=4, ngf=8, ndf=8, steps=6, batch_cells=4, classifier_epochs=1, seed=2,
@@ -243,9 +244,20 @@ def test_draw_predictor_predicts_the_embedding_of_fresh_draws(fitted, matrix):
     z = torch.randn(320, m.nz, generator=torch.Generator().manual_seed(99))
     with m._inference():
         real = embed_images(m.classifier_, m._draw(z, style, labels), "cpu").float()
-    guess = m._predict_draws(z, style, labels)
+    guess = m._predict_draws(z.reshape(40, 8, -1), style[::8], labels[::8]).reshape(320, -1)
     r2 = 1 - float((guess - real).square().sum() / (real - real.mean(0)).square().sum())
     assert r2 > 0.2, r2
+
+
+def test_draw_predictor_scores_a_cells_candidates_as_it_scores_each_one():
+    """per_cell (the style's share of the first layer once per cell) is forward() regrouped."""
+    torch.manual_seed(0)
+    net = DrawPredictor(nz=8, style_dim=6, n_labels=3, dim=5, hidden=16)
+    net.scale.fill_(2.0)
+    net.mean.normal_()
+    z, style, labels = torch.randn(4, 7, 8), torch.randn(4, 6), torch.tensor([0, 2, 1, 2])
+    flat = net(z.reshape(-1, 8), style.repeat_interleave(7, 0), labels.repeat_interleave(7))
+    torch.testing.assert_close(net.per_cell(z, style, labels), flat.reshape(4, 7, 5))
 
 
 def test_runs_without_a_draw_predictor_herd_by_rendering(matrix, tmp_path):

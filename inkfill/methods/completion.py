@@ -357,17 +357,18 @@ class CompletionGAN(_StyleSpace):
             for s in range(0, n_cells, step):
                 part = block[s : s + step]
                 g = len(part)
-                flat = part.reshape(-1, nz)
-                st = style[s : s + step].repeat_interleave(b * per, 0)
-                lab = labels[s : s + step].repeat_interleave(b * per)
                 if predicted:
-                    emb = self._predict_draws(flat, st, lab)
+                    emb = self._predict_draws(part, style[s : s + step], labels[s : s + step])
                 else:
-                    images = self._draw(flat, st, lab)
+                    images = self._draw(
+                        part.reshape(-1, nz),
+                        style[s : s + step].repeat_interleave(b * per, 0),
+                        labels[s : s + step].repeat_interleave(b * per),
+                    )
                     with self._inference():
                         emb = embed_images(self.classifier_, images, self.device_)
-                code = (emb - mean) @ components.T  # the regression's code space
-                picks = herd(code.reshape(g, b * per, -1), target[s : s + step], b).cpu()
+                code = (emb.reshape(g, b * per, -1) - mean) @ components.T  # the code space
+                picks = herd(code, target[s : s + step], b).cpu()
                 if predicted:
                     kept_z[s : s + step, start : start + b] = part[torch.arange(g)[:, None], picks]
                 else:
@@ -381,14 +382,17 @@ class CompletionGAN(_StyleSpace):
         return out
 
     def _predict_draws(self, z, style, labels, chunk: int = 8192) -> torch.Tensor:
-        """The draw predictor's embeddings (N, dim) of N candidates (bf16 like the generator's
-        forward passes when the run trained in bf16; 2.8x the candidates/s on the 2 cores)."""
+        """The draw predictor's embeddings (C, M, dim) of C cells' M candidates each (z (C, M,
+        nz), style (C, style_dim), labels (C,)), about `chunk` candidates at a time (bf16 like
+        the generator's forward passes when the run trained in bf16; 2.8x the candidates/s on
+        the 2 cores)."""
         dev, net = self.device_, self.draw_predictor_
+        step = max(1, chunk // max(z.shape[1], 1))
         with self._inference():
             parts = [
-                net(z[s : s + chunk].to(dev), style[s : s + chunk].to(dev),
-                    labels[s : s + chunk].to(dev)).float()
-                for s in range(0, len(z), chunk)
+                net.per_cell(z[s : s + step].to(dev), style[s : s + step].to(dev),
+                             labels[s : s + step].to(dev)).float()
+                for s in range(0, len(z), step)
             ]  # fmt: skip
         return torch.cat(parts)
 
