@@ -163,8 +163,10 @@ class CompletionGAN(_StyleSpace):
             self._fit_space(matrix, progress)
             dev = self.device_
             codes = self.codes_
-            with self._phase("out-of-fold regressions"):
-                oof = self.regression_.out_of_fold(self.protos_, self.counts_)
+            oof = codes  # a placeholder where no cell is conditioned on a prediction
+            if self.predicted_share > 0:
+                with self._phase("out-of-fold regressions"):
+                    oof = self.regression_.out_of_fold(self.protos_, self.counts_)
             # Codes enter the style network centred on their label and on a unit scale.
             self.code_scale_ = float(np.nanstd(codes - self.regression_.label_means_[None]))
             emb = torch.from_numpy(self.embeddings_).to(dev)
@@ -176,7 +178,7 @@ class CompletionGAN(_StyleSpace):
                 spread = _cell_spreads(matrix)
             tables = {
                 "real_code": torch.from_numpy(np.nan_to_num(self._scaled(codes))).to(dev),
-                "oof_code": torch.from_numpy(self._scaled(oof)).to(dev),
+                "oof_code": torch.from_numpy(np.nan_to_num(self._scaled(oof))).to(dev),
                 "spread": torch.from_numpy(spread).to(dev),
             }
             protos = torch.from_numpy(np.nan_to_num(self.protos_)).to(dev).transpose(0, 1)
