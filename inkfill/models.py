@@ -214,8 +214,8 @@ class FiLMGenerator(nn.Module):
             nn.init.zeros_(film.bias)
 
     @staticmethod
-    def _modulate(x, norm, film):
-        gamma, beta = film.float().chunk(2, dim=1)  # (B, C) each: FiLM's output
+    def _modulate(x, norm, film, cond):
+        gamma, beta = film(cond).float().chunk(2, dim=1)  # (B, C) each
         if norm.training:
             return F.relu(norm(x) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
         # Inference: batch norm's running statistics and FiLM fold into one scale and shift per
@@ -229,21 +229,9 @@ class FiLMGenerator(nn.Module):
         return out.relu_()
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = self.fc(torch.cat([z, cond], dim=1))
-        return self._render(x, self.film0(cond), self.film1(cond))
-
-    def forward_cells(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """forward() for C conditions of M noises each: z (C, M, nz) and cond (C, cond_dim) ->
-        (C * M, 1, 28, 28), the condition's share of the first layer and of FiLM computed once
-        per condition rather than once per image."""
-        m, weight = z.shape[1], self.fc.weight
-        x = z @ weight[:, : self.nz].T + (cond @ weight[:, self.nz :].T + self.fc.bias)[:, None]
-        film0, film1 = (f(cond).repeat_interleave(m, 0) for f in (self.film0, self.film1))
-        return self._render(x.flatten(0, 1), film0, film1)
-
-    def _render(self, x: torch.Tensor, film0: torch.Tensor, film1: torch.Tensor) -> torch.Tensor:
-        x = self._modulate(x.view(len(x), self.ngf * 4, 7, 7), self.norm0, film0)
-        x = self._modulate(self.up1(x), self.norm1, film1)
+        x = self.fc(torch.cat([z, cond], dim=1)).view(len(z), self.ngf * 4, 7, 7)
+        x = self._modulate(x, self.norm0, self.film0, cond)
+        x = self._modulate(self.up1(x), self.norm1, self.film1, cond)
         if self.training:
             return torch.tanh(self.up2(x).float())
         return torch.tanh(conv_transpose_4s2(x, self.up2.weight, self.up2.bias).float())
@@ -327,11 +315,6 @@ class PersonalGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.net(z, torch.cat([style, self.label_embed(labels)], dim=1))
-
-    def per_cell(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """forward() for C cells of M noises each: z (C, M, nz), style (C, style_dim) and labels
-        (C,) -> (C * M, 1, 28, 28), a cell's M images one after the other."""
-        return self.net.forward_cells(z, torch.cat([style, self.label_embed(labels)], dim=1))
 
 
 class CollaGenerator(nn.Module):

@@ -27,7 +27,7 @@ import torch
 from .. import distributed, metrics
 from ..completion import PrototypeRegression, cell_prototypes
 from ..config import CompletionGANConfig, InkfillError, PredictedRetrievalConfig
-from ..data import WriterMatrix, to_images
+from ..data import WriterMatrix
 from ..models import (
     CodeStyle,
     DrawPredictor,
@@ -38,7 +38,7 @@ from ..models import (
 )
 from ..progress import tqdm
 from ..train import CellLoss, train_personal_gan
-from .base import INFER_CHUNK, Method, cell_generator, cell_seed, save_generator_figures
+from .base import Method, cell_generator, cell_seed, save_generator_figures
 from .personal import _CellSampler, _PersonalGAN, embed_images, train_classifier
 
 
@@ -341,7 +341,9 @@ class CompletionGAN(_StyleSpace):
         style = self._styles(codes, cols).cpu()
         labels = torch.from_numpy(cols)
         if per == 1 or n == 0:
-            return self._draw_cells(z, style, labels).reshape(n_cells, m, 28, 28)
+            flat = z.reshape(-1, nz)
+            images = self._draw(flat, style.repeat_interleave(m, 0), labels.repeat_interleave(m))
+            return images.reshape(n_cells, m, 28, 28)
         predicted = self.herd == "predicted" and getattr(self, "draw_predictor_", None) is not None
         target = torch.from_numpy(codes).double()
         components = torch.from_numpy(self.regression_.components_).to(self.device_)
@@ -360,7 +362,11 @@ class CompletionGAN(_StyleSpace):
                 if predicted:
                     emb = self._predict_draws(part, style[s : s + step], labels[s : s + step])
                 else:
-                    images = self._draw_cells(part, style[s : s + step], labels[s : s + step])
+                    images = self._draw(
+                        part.reshape(-1, nz),
+                        style[s : s + step].repeat_interleave(b * per, 0),
+                        labels[s : s + step].repeat_interleave(b * per),
+                    )
                     with self._inference():
                         emb = embed_images(self.classifier_, images, self.device_)
                 code = (emb.reshape(g, b * per, -1) - mean) @ components.T  # the code space
@@ -371,22 +377,11 @@ class CompletionGAN(_StyleSpace):
                     chosen = images.reshape(g, b * per, 28, 28)[np.arange(g)[:, None], picks]
                     out[s : s + step, start : start + b] = chosen
         if predicted:
-            out = self._draw_cells(kept_z, style, labels).reshape(n_cells, n, 28, 28)
+            images = self._draw(
+                kept_z.reshape(-1, nz), style.repeat_interleave(n, 0), labels.repeat_interleave(n)
+            )
+            out = images.reshape(n_cells, n, 28, 28)
         return out
-
-    def _draw_cells(self, z, style, labels, chunk: int = INFER_CHUNK) -> np.ndarray:
-        """(C * M, 28, 28) images of C cells' M noises each (z (C, M, nz), style (C, style_dim),
-        labels (C,)), about `chunk` images at a time: the generator's `per_cell`, which computes
-        a cell's condition once (the same images as `_draw` with the style repeated)."""
-        dev, out = self.device_, []
-        step = max(1, chunk // max(z.shape[1], 1))
-        with self._inference():
-            for s in range(0, len(z), step):
-                part = slice(s, s + step)
-                out.append(to_images(self.generator_.per_cell(
-                    z[part].to(dev), style[part].to(dev), labels[part].to(dev)
-                )))  # fmt: skip
-        return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
 
     def _predict_draws(self, z, style, labels, chunk: int = 8192) -> torch.Tensor:
         """The draw predictor's embeddings (C, M, dim) of C cells' M candidates each (z (C, M,
