@@ -271,6 +271,17 @@ def test_runs_without_a_draw_predictor_herd_by_rendering(matrix, tmp_path):
     np.testing.assert_array_equal(load_run(tmp_path / "run").generate(writer, label, 4, seed=1), a)
 
 
+def test_out_of_fold_regressions_run_only_when_training_conditions_on_them(matrix):
+    """predicted_share 0 (the default) trains on real codes and skips the out-of-fold fits; a
+    share above 0 fits them and still trains to images in range."""
+    assert "out-of-fold regressions" not in CompletionGAN(**TINY).fit(matrix).phase_seconds_
+    m = CompletionGAN(**{**TINY, "predicted_share": 1.0, "predictor_draws": 0}).fit(matrix)
+    assert "out-of-fold regressions" in m.phase_seconds_
+    writer, label = matrix.empty_cells()[0]
+    images = m.generate(writer, label, 4, seed=0)
+    assert images.shape == (4, 28, 28) and images.std() > 0
+
+
 def test_steps_adapt_to_the_number_of_cells():
     assert auto_steps(4800, 32) == 3000  # femnist_digits
     assert auto_steps(100, 32) == 1000 and auto_steps(140_000, 32) == 10_000
