@@ -337,8 +337,8 @@ class CompletionGANConfig:
     predicted_share: float = param(
         0.0,
         "training cells conditioned on their prototype predicted without them, the rest on "
-        "their real prototype (0: the generator learns to render codes exactly; better on bench "
-        "seeds 0-2 than 0.5 and 1)",
+        "their real prototype (0: the generator learns to render codes exactly; better than 0.5 "
+        "on bench seeds 0-2 and than 1 on seed 1)",
     )
     classify_weight: float = param(
         0.3, "the draws must read as their label to the method's own classifier (cross-entropy)"
