@@ -11,6 +11,8 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import RidgeCV
 
 ALPHAS = np.logspace(-2, 4, 13)
+RANK_BATCH = 128  # training writers per step of the ranking refinement
+RANK_LR = 1e-3
 
 
 def cell_prototypes(
@@ -50,10 +52,28 @@ class PrototypeRegression:
     as their target cell has, since a prototype of one image is a noisy target (on femnist_digits
     a tenth of the cells have one image, the median ten). predict() returns codes (in the PCA
     space) and embed() maps them back.
+
+    With `rank_steps` > 0, each label's ridge solution is then refined for what the prediction is
+    used for, picking the writer out: `rank_steps` Adam steps on an InfoNCE loss (the predicted
+    prototype's cosine similarity to every training writer's real prototype of the label, at
+    `rank_temperature`, the writer's own the positive), plus `rank_anchor` times the squared
+    distance of the coefficients to the ridge solution, which keeps the refined map near the
+    least-squares one. Ridge predicts the cell's conditional mean, pulled toward the label's
+    average writer; ranking by cosine similarity rewards the directions that tell writers apart.
     """
 
-    def __init__(self, n_components: int = 32, alphas=ALPHAS, seed: int = 0):
+    def __init__(
+        self,
+        n_components: int = 32,
+        alphas=ALPHAS,
+        seed: int = 0,
+        rank_steps: int = 0,
+        rank_temperature: float = 0.02,
+        rank_anchor: float = 1.0,
+    ):
         self.n_components, self.alphas, self.seed = n_components, alphas, seed
+        self.rank_steps, self.rank_temperature = rank_steps, rank_temperature
+        self.rank_anchor = rank_anchor
 
     # -- the code space ----------------------------------------------------------------------
 
@@ -123,8 +143,51 @@ class PrototypeRegression:
                 ridge.intercept_,
                 ridge.alpha_,
             )
+            if self.rank_steps > 0:
+                self.coef_[j], self.intercept_[j] = self._refine(
+                    x, y, np.arange(len(y)), self.coef_[j], self.intercept_[j], j
+                )
         self.coef_ = self.coef_.astype(np.float32)
         self.intercept_ = self.intercept_.astype(np.float32)
+
+    def _refine(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        positive: np.ndarray,
+        coef: np.ndarray,
+        intercept: np.ndarray,
+        label: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ranking refinement of one label's regression (see the class): x (n, p) design
+        rows, y (m, k) the real codes of the label's m training writers (the candidates), and
+        positive (n,) the writer of each row among them; returns the refined (p, k) coefficients
+        and (k,) intercept. Seeded by `seed` and the label alone."""
+        import torch  # the rest of this module is numpy; torch only where it trains
+        import torch.nn.functional as F
+
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + label)
+        x = torch.from_numpy(x).float()
+        positive = torch.as_tensor(positive, dtype=torch.long)
+        components = torch.from_numpy(self.components_).float()
+        mean = torch.from_numpy(self.mean_).float()
+        # The candidates: every training writer's real prototype, as a unit vector.
+        candidates = F.normalize(torch.from_numpy(y).float() @ components + mean, dim=1)
+        w0 = torch.from_numpy(coef).float()
+        b0 = torch.from_numpy(intercept).float()
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        opt = torch.optim.Adam([w, b], lr=RANK_LR)
+        with torch.enable_grad():
+            for _ in range(self.rank_steps):
+                idx = torch.randint(0, len(x), (min(RANK_BATCH, len(x)),), generator=gen)
+                pred = F.normalize((x[idx] @ w + b) @ components + mean, dim=1)
+                logits = pred @ candidates.T / self.rank_temperature
+                loss = F.cross_entropy(logits, positive[idx])
+                loss = loss + self.rank_anchor * (w - w0).square().sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return w.detach().numpy(), b.detach().numpy()
 
     def predict(self, codes: np.ndarray, label: int, shots: bool = False) -> np.ndarray:
         """Codes (n, k) of label `label` for n writers given their codes (n, n_labels, k); with
@@ -174,7 +237,8 @@ class PrototypeRegression:
         noisier and sparser than a full row, so these shrink more toward the label's mean where
         the full-row regressions would trust noise. Call after fit(), in its code space.
         `repeats` defaults to about 8,000 rows per regression (4 draws on femnist_digits' 516
-        writers, 2 on full FEMNIST's ~3,900), at most 4."""
+        writers, 2 on full FEMNIST's ~3,900), at most 4. With `rank_steps` > 0 they are refined
+        as fit()'s are, each row's writer the positive among the label's writers."""
         n_writers, n_labels = protos.shape[:2]
         if repeats is None:
             repeats = int(np.clip(round(8000 / max(n_writers, 1)), 1, 4))
@@ -188,7 +252,7 @@ class PrototypeRegression:
         for j in range(n_labels):
             others = np.flatnonzero(cols != j)
             has_j = ~np.isnan(target[:, j, 0])
-            xs, ys = [], []
+            xs, ys, writers = [], [], []
             for _ in range(repeats):
                 # K random images of each writer, among their images of labels other than j.
                 key = rng.random(len(others))
@@ -206,11 +270,18 @@ class PrototypeRegression:
                 mine = has_j & (np.bincount(rows[pick], minlength=n_writers) > 0)
                 xs.append(self._design(codes[mine], j))
                 ys.append(target[mine, j])
+                writers.append(np.flatnonzero(mine))
             x, y = np.concatenate(xs), np.concatenate(ys)
             if len(x) < 3:
                 continue
             ridge = _ridge(self.alphas, x, y)
             self.shot_coef_[j], self.shot_intercept_[j] = ridge.coef_.T, ridge.intercept_
+            if self.rank_steps > 0:  # candidates: each writer of the label once
+                pool = np.flatnonzero(has_j)
+                positive = np.searchsorted(pool, np.concatenate(writers))
+                self.shot_coef_[j], self.shot_intercept_[j] = self._refine(
+                    x, target[pool, j], positive, ridge.coef_.T, ridge.intercept_, j
+                )
         return self
 
     # -- state -------------------------------------------------------------------------------

@@ -301,6 +301,12 @@ class PredictedRetrievalConfig:
         "~170k images, then fewer: about 8,000 steps of 128, at least one epoch)",
     )
     classifier_width: int = param(24, "channels of the classifier's first convolutions")
+    rank_steps: int = param(
+        300,
+        "steps refining each label's regression for picking the writer out (InfoNCE over the "
+        "label's writers, anchored to the ridge solution; 0: plain ridge)",
+    )
+    rank_temperature: float = param(0.02, "temperature of that refinement's cosine similarities")
     seed: int = param(0, "seed of the classifier and the regressions")
 
     def __post_init__(self):
@@ -308,6 +314,12 @@ class PredictedRetrievalConfig:
             raise InkfillError("--classifier-epochs must be >= 0 (0: adapt to the data)")
         if min(self.n_components, self.classifier_width) < 1:
             raise InkfillError("--n-components and --classifier-width must be at least 1")
+        _check_rank(self)
+
+
+def _check_rank(config) -> None:
+    if config.rank_steps < 0 or not config.rank_temperature > 0:
+        raise InkfillError("--rank-steps must be >= 0 and --rank-temperature > 0")
 
 
 @dataclass(frozen=True)
@@ -322,6 +334,12 @@ class CompletionGANConfig:
         "~170k images, then fewer: about 8,000 steps of 128, at least one epoch)",
     )
     classifier_width: int = param(24, "channels of the classifier's first convolutions")
+    rank_steps: int = param(
+        300,
+        "steps refining each label's regression for picking the writer out (InfoNCE over the "
+        "label's writers, anchored to the ridge solution; 0: plain ridge)",
+    )
+    rank_temperature: float = param(0.02, "temperature of that refinement's cosine similarities")
     style_dim: int = param(64, "size of the style code the generator reads")
     nz: int = param(32, "noise size: the variation within one cell")
     ngf: int = param(32, "generator width")
@@ -405,6 +423,7 @@ class CompletionGANConfig:
             raise InkfillError(f"--herd must be 'predicted' or 'rendered', not {self.herd!r}")
         if self.predictor_draws < 0:
             raise InkfillError("--predictor-draws must be >= 0 (0: no predictor)")
+        _check_rank(self)
         if not 0 <= self.predicted_share <= 1 or not self.nce_temperature > 0:
             raise InkfillError("--predicted-share must be in [0, 1] and --nce-temperature > 0")
         weights = ("classify_weight", "feature_weight", "nce_weight", "spread_weight",

@@ -125,6 +125,51 @@ def test_shot_regressions_beat_full_row_ones_from_a_few_noisy_images():
     np.testing.assert_allclose(again.shot_coef_, reg.shot_coef_)
 
 
+def _info_nce(reg, protos, temperature, inputs=None, shots=False) -> float:
+    """The refinement's objective: each writer's prototype of a label predicted from their other
+    cells (`inputs`, default their real prototypes) against every writer's real one of it
+    (cosine / temperature), the writer's own the positive; mean over labels."""
+    codes = reg.codes(protos if inputs is None else inputs)
+    real = reg.embed(reg.codes(protos))
+    losses = []
+    for j in range(protos.shape[1]):
+        pred = reg.embed(reg.predict(codes, j, shots=shots))
+        q = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+        c = real[:, j] / np.linalg.norm(real[:, j], axis=1, keepdims=True)
+        logits = torch.from_numpy(q @ c.T / temperature)
+        losses.append(float(torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))))
+    return float(np.mean(losses))
+
+
+def test_ranking_refinement_lowers_its_objective_and_stays_near_the_ridge():
+    """Prototypes that share a large common direction (as real embeddings do): the refinement
+    lowers the InfoNCE of the writers it was fitted on (the full-row regressions and the
+    few-image ones), keeps the coefficients near the ridge solution, and is deterministic."""
+    protos, _ = _low_rank_protos(n_writers=200, d=12, p_empty=0.0, seed=5)
+    rng = np.random.default_rng(5)
+    protos = protos + 4.0 + rng.normal(0, 0.8, protos.shape).astype(np.float32)
+    ridge = PrototypeRegression(n_components=12).fit(protos)
+    refined = PrototypeRegression(n_components=12, rank_steps=200, seed=3).fit(protos)
+    assert _info_nce(refined, protos, 0.02) < _info_nce(ridge, protos, 0.02) - 0.1
+    moved = np.linalg.norm(refined.coef_ - ridge.coef_) / np.linalg.norm(ridge.coef_)
+    assert 0.001 < moved < 0.5
+    again = PrototypeRegression(n_components=12, rank_steps=200, seed=3).fit(protos)
+    np.testing.assert_array_equal(again.coef_, refined.coef_)
+    # The few-image regressions: each row's writer is the positive among the label's writers.
+    rows = np.repeat(np.arange(200), 5 * 4)
+    cols = np.tile(np.repeat(np.arange(5), 4), 200)
+    emb = protos[rows, cols] + rng.normal(0, 0.5, (len(rows), 12)).astype(np.float32)
+    # Fresh inputs of the kind they are fitted on: 3 random images of each writer.
+    pick = np.concatenate(
+        [rng.choice(np.flatnonzero(rows == w), 3, replace=False) for w in range(200)]
+    )
+    single, _ = cell_prototypes(emb[pick], rows[pick], cols[pick], 200, 5)
+    for reg in (ridge, refined):
+        reg.fit_shots(emb, rows, cols, protos, max_shots=4, repeats=2)
+    after = _info_nce(refined, protos, 0.02, single, shots=True)
+    assert after < _info_nce(ridge, protos, 0.02, single, shots=True) - 0.1
+
+
 def test_regression_state_round_trips():
     protos, _ = _low_rank_protos(n_writers=40)
     reg = PrototypeRegression(n_components=6).fit(protos)
@@ -299,6 +344,10 @@ def test_bad_hyperparameters_are_refused():
                 {"classifier_epochs": -1}, {"herd": "both"}, {"predictor_draws": -1}):  # fmt: skip
         with pytest.raises(InkfillError):
             _ = CompletionGAN(**bad).config
+    for bad in ({"rank_steps": -1}, {"rank_temperature": 0.0}):
+        for cls in (CompletionGAN, PredictedRetrieval):
+            with pytest.raises(InkfillError):
+                _ = cls(**bad).config
 
 
 def test_predicted_retrieval_hands_out_other_writers_images_nearest_the_prediction(

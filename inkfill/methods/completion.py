@@ -56,9 +56,12 @@ class _StyleSpace(Method):
             protos, counts = cell_prototypes(
                 emb, matrix.rows, matrix.cols, matrix.n_writers, matrix.n_labels
             )
-            self.regression_ = PrototypeRegression(self.n_components, seed=self.seed).fit(
-                protos, counts
-            )
+            self.regression_ = PrototypeRegression(
+                self.n_components,
+                seed=self.seed,
+                rank_steps=self.rank_steps,
+                rank_temperature=self.rank_temperature,
+            ).fit(protos, counts)
             self.regression_.fit_shots(emb, matrix.rows, matrix.cols, protos)
             self.codes_ = self.regression_.codes(protos)  # (W, L, k), NaN where empty
             self.predicted_ = self.regression_.predict_all(self.codes_)  # (W, L, k)
