@@ -2,8 +2,8 @@
 
 Both methods here share one style space: a label+writer classifier trained on the training images
 (personal.train_classifier), each observed cell summed up by its prototype (mean embedding), and a
-ridge regression per label that predicts a cell's prototype from the writer's other cells
-(completion.PrototypeRegression).
+ridge regression per label, refined for picking the writer out (InfoNCE, `rank_steps`), that
+predicts a cell's prototype from the writer's other cells (completion.PrototypeRegression).
 
 - predicted-retrieval: the real images of the label, of other writers, nearest the predicted
   prototype. A reference a generator must beat with new images.
