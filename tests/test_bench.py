@@ -126,7 +126,7 @@ def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits, tmp_path
         "--data",
         real_digits,
         "--methods",
-        "generic,retrieval,linear",
+        "generic,retrieval",
         "--hidden-cells",
         60,
     ]
@@ -136,7 +136,12 @@ def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits, tmp_path
     rows = json.loads((tmp_path / "real" / "results.json").read_text())["rows"]
     ceiling, generic = rows["ceiling (real)"], rows["generic"]
     assert ceiling["mrr"] > 3 * generic["mrr"]
-    assert generic["mrr"] < 3 * ceiling["chance_mrr"]
+    # Generic fills carry no writer: the true writer lands mid-pack. The median rank, not the MRR,
+    # because with 60 cells a single lucky rank-1 hit moves the MRR by 0.017 (3x chance is 0.056).
+    assert ceiling["median_rank"] <= 3
+    assert generic["median_rank"] > ceiling["candidates"] / 5
+    # The nearest writers' real images carry some of the writer: nearer the top than generic.
+    assert rows["retrieval"]["median_rank"] < generic["median_rank"]
     assert ceiling["label_accuracy"] > 0.9
     # The writer's other cells predict the hidden one far better than chance.
     assert rows["predicted"]["mrr"] > 3 * generic["mrr"]
