@@ -265,7 +265,9 @@ class PersonalDiscriminator(nn.Module):
         if g == 1:
             return h.new_zeros(len(h), 1)
         # sqrt(var + eps) as in StyleGAN: finite second derivatives (R1) where features agree.
-        var = h.float().view(g, -1, h.shape[1]).var(0, unbiased=False)
+        # The variance written out: Tensor.var over the outer dimension is ~10x slower on CPU.
+        x = h.float().view(g, -1, h.shape[1])
+        var = (x - x.mean(0)).square().mean(0)
         spread = (var + 1e-8).sqrt().mean(1)  # (B/g,)
         return spread.repeat(g)[:, None].to(h.dtype)
 

@@ -273,3 +273,24 @@ def test_cell_sampler_style_sets_exclude_the_target_and_each_other():
         assert not shared.any()
         both += int((mask_a.any(1) & mask_b.any(1)).sum())
     assert both > 0.5 * 21 * 16  # both sets are usually non-empty
+
+
+def test_discriminator_batch_spread_is_the_groups_feature_std_with_finite_second_derivatives():
+    """The minibatch-spread feature (variance written out for speed) equals torch's own variance
+    within each group, is the same for every image of a group, and keeps R1's second derivative
+    finite where a group's features agree."""
+    from inkfill.models import PersonalDiscriminator
+
+    disc = PersonalDiscriminator(10, style_dim=0, ndf=4, group=4)
+    h = torch.randn(12, 50, generator=torch.Generator().manual_seed(0))
+    got = disc._batch_spread(h)
+    want = (h.view(4, -1, 50).var(0, unbiased=False) + 1e-8).sqrt().mean(1).repeat(4)[:, None]
+    assert got.shape == (12, 1) and torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got[0], got[3]) and torch.equal(
+        got[1], got[4]
+    )  # images 0, 3, 6, 9: one group
+    same = torch.ones(8, 50, requires_grad=True)  # identical features: zero spread
+    (grad,) = torch.autograd.grad(disc._batch_spread(same).sum(), same, create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), same)
+    assert torch.isfinite(grad).all() and torch.isfinite(second).all()
+    assert disc._batch_spread(torch.randn(6, 50)).abs().sum() == 0  # 6 images: no groups of 4
