@@ -286,9 +286,8 @@ def test_discriminator_batch_spread_is_the_groups_feature_std_with_finite_second
     got = disc._batch_spread(h)
     want = (h.view(4, -1, 50).var(0, unbiased=False) + 1e-8).sqrt().mean(1).repeat(4)[:, None]
     assert got.shape == (12, 1) and torch.allclose(got, want, atol=1e-6)
-    assert torch.equal(got[0], got[3]) and torch.equal(
-        got[1], got[4]
-    )  # images 0, 3, 6, 9: one group
+    # Images 0, 3, 6 and 9 form one group, 1, 4, 7 and 10 the next.
+    assert torch.equal(got[0], got[3]) and torch.equal(got[1], got[4])
     same = torch.ones(8, 50, requires_grad=True)  # identical features: zero spread
     (grad,) = torch.autograd.grad(disc._batch_spread(same).sum(), same, create_graph=True)
     (second,) = torch.autograd.grad(grad.square().sum(), same)
