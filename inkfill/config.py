@@ -38,6 +38,13 @@ def param(default, help: str = ""):
     return field(default=default, metadata={"help": help})
 
 
+# Shared by the two methods of the completion style space (predicted-retrieval, completion-gan).
+RANK_STEPS_HELP = (
+    "steps refining each label's regression for picking the writer out (InfoNCE over the "
+    "label's writers, anchored to the ridge solution; 0: plain ridge)"
+)
+RANK_TEMPERATURE_HELP = "temperature of that refinement's cosine similarities"
+
 GENERATOR_MODES = ("per-cluster", "conditional")
 VOTE_RULES = ("writers", "pairs")
 
@@ -301,12 +308,8 @@ class PredictedRetrievalConfig:
         "~170k images, then fewer: about 8,000 steps of 128, at least one epoch)",
     )
     classifier_width: int = param(24, "channels of the classifier's first convolutions")
-    rank_steps: int = param(
-        300,
-        "steps refining each label's regression for picking the writer out (InfoNCE over the "
-        "label's writers, anchored to the ridge solution; 0: plain ridge)",
-    )
-    rank_temperature: float = param(0.02, "temperature of that refinement's cosine similarities")
+    rank_steps: int = param(300, RANK_STEPS_HELP)
+    rank_temperature: float = param(0.02, RANK_TEMPERATURE_HELP)
     seed: int = param(0, "seed of the classifier and the regressions")
 
     def __post_init__(self):
@@ -334,12 +337,8 @@ class CompletionGANConfig:
         "~170k images, then fewer: about 8,000 steps of 128, at least one epoch)",
     )
     classifier_width: int = param(24, "channels of the classifier's first convolutions")
-    rank_steps: int = param(
-        300,
-        "steps refining each label's regression for picking the writer out (InfoNCE over the "
-        "label's writers, anchored to the ridge solution; 0: plain ridge)",
-    )
-    rank_temperature: float = param(0.02, "temperature of that refinement's cosine similarities")
+    rank_steps: int = param(300, RANK_STEPS_HELP)
+    rank_temperature: float = param(0.02, RANK_TEMPERATURE_HELP)
     style_dim: int = param(64, "size of the style code the generator reads")
     nz: int = param(32, "noise size: the variation within one cell")
     ngf: int = param(32, "generator width")
