@@ -229,7 +229,13 @@ class FiLMGenerator(nn.Module):
         return out.relu_()
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = self.fc(torch.cat([z, cond], dim=1)).view(len(z), self.ngf * 4, 7, 7)
+        inp, c = torch.cat([z, cond], dim=1), self.ngf * 4
+        if self.training:
+            x = self.fc(inp).view(len(z), c, 7, 7)
+        else:  # the same sums with the rows in (y, x, channel) order: channels_last, no copy
+            weight = self.fc.weight.view(c, 49, -1).transpose(0, 1).reshape(49 * c, -1)
+            bias = self.fc.bias.view(c, 49).T.reshape(-1)
+            x = F.linear(inp, weight, bias).view(len(z), 7, 7, c).permute(0, 3, 1, 2)
         x = self._modulate(x, self.norm0, self.film0, cond)
         x = self._modulate(self.up1(x), self.norm1, self.film1, cond)
         if self.training:
