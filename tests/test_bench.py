@@ -50,7 +50,9 @@ def _strip_times(rows):
     return {n: {k: v for k, v in r.items() if not k.endswith("_seconds")} for n, r in rows.items()}
 
 
-def test_bench_runs_end_to_end_and_is_reproducible(tmp_path):
+def test_bench_runs_end_to_end_and_is_reproducible(tmp_path, monkeypatch):
+    # The label-CAS networks' 600 steps were 80% of this test; the contract needs only a few.
+    monkeypatch.setattr("inkfill.cas.LABEL_STEPS", 60)
     first = _bench(tmp_path, "a")
     assert list(first["rows"]) == [
         "ceiling (real)",
@@ -119,12 +121,12 @@ def test_bench_cli_refuses_bad_sets(tiny_npz, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits, tmp_path, capsys):
+def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits_half, tmp_path, capsys):
     """On real FEMNIST the judge must tell writers apart: the real ceiling far above generic."""
     argv = [
         "bench",
         "--data",
-        real_digits,
+        real_digits_half,
         "--methods",
         "generic,retrieval",
         "--hidden-cells",
@@ -148,8 +150,10 @@ def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits, tmp_path
     assert ceiling["diversity_ratio"] == 1.0 and 0.5 < generic["diversity_ratio"] < 3
     assert len(load_dataset(tmp_path / "real" / "fills" / "generic.npz")) == 60 * 8
     # Train on fills: the real half A of a hidden cell teaches the probe that writer's label
-    # (far above no fill); generic fills teach labels but not the writer.
+    # (far above no fill); generic fills teach labels but not the writer. On these 258 writers:
+    # top-1 0.103 against 0.034 with no fill, top-5 0.343 against 0.131; generic 0.083 / 0.277.
     none = rows["no fill"]
-    assert ceiling["writer_cas_top1"] > 3 * none["writer_cas_top1"]
+    for k in ("writer_cas_top1", "writer_cas_top5"):
+        assert ceiling[k] > 2 * none[k], k
     assert rows["generic"]["writer_cas_top1"] < ceiling["writer_cas_top1"]
     assert rows["generic"]["label_cas"] > 0.8 and none["label_cas_real"] > 0.8

@@ -15,8 +15,10 @@ from inkfill.methods.personal import auto_classifier_epochs
 from inkfill.models import DrawPredictor
 from inkfill.train import CellLoss
 
+# rank_steps: the ranking refinement runs, briefly (its default 300 steps per label were most of
+# a tiny fit's time; its own test below runs 200).
 TINY = dict(style_dim=8, nz=4, ngf=8, ndf=8, steps=6, batch_cells=4, classifier_epochs=1, seed=2,
-            predictor_draws=4000)  # fmt: skip
+            predictor_draws=4000, rank_steps=30)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -428,15 +430,16 @@ def test_completion_gan_on_62_labels_fills_letters():
 
 
 @pytest.mark.slow
-def test_completion_gan_cli_on_real_digits(real_digits, tmp_path):
-    """A short fit on the real FEMNIST digits through the CLI, then fill every empty cell."""
+def test_completion_gan_cli_on_real_digits(real_digits_half, tmp_path):
+    """A short fit on the real FEMNIST digits (half of the writers) through the CLI, then fill
+    every empty cell."""
     from inkfill.cli import main
     from inkfill.data import load_dataset
 
     run, out = tmp_path / "run", tmp_path / "filled.npz"
-    argv = ["fit", "--data", str(real_digits), "--method", "completion-gan", "--out", str(run),
-            "--steps", "30", "--classifier-epochs", "1", "--predictor-draws", "4000", "--figures", "none",
-            "--no-progress"]  # fmt: skip
+    argv = ["fit", "--data", str(real_digits_half), "--method", "completion-gan", "--out", str(run),
+            "--steps", "30", "--classifier-epochs", "1", "--predictor-draws", "4000", "--rank-steps",
+            "30", "--figures", "none", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert main(["fill", "--run", str(run), "--missing", "--per-cell", "2", "--out", str(out),
                  "--no-progress"]) == 0  # fmt: skip

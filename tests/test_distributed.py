@@ -54,7 +54,7 @@ def test_ddp_ranks_end_with_the_same_weights_from_their_own_shards(tmp_path):
 
 PARALLEL = {
     "completion-gan": dict(style_dim=8, nz=4, ngf=8, ndf=8, steps=12, batch_cells=4,
-                           classifier_epochs=1, predictor_draws=2000),
+                           classifier_epochs=1, predictor_draws=2000, rank_steps=30),
     "collagan": dict(width=4, ndf=8, steps=12, batch_cells=4),
 }  # fmt: skip
 
@@ -118,7 +118,8 @@ FIT_ARGS = {
 }  # fmt: skip
 # completion-gan under the torchrun CLI: in the kill -9 test below (it also loads and fills).
 CG_ARGS = ["--method", "completion-gan", "--style-dim", "8", "--nz", "4", "--ngf", "8", "--ndf",
-           "8", "--batch-cells", "4", "--classifier-epochs", "1", "--predictor-draws", "2000"]  # fmt: skip
+           "8", "--batch-cells", "4", "--classifier-epochs", "1", "--predictor-draws", "2000",
+           "--rank-steps", "30"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(FIT_ARGS))

@@ -1,0 +1,83 @@
+"""Re-fill a finished bench's hidden cells from one of its saved runs under sampling variants, and
+score each as the bench does (its rows and train-on-fills), without refitting anything.
+
+    python benchmarks/refill_scores.py BENCH_DIR --data ../shared/data/femnist/femnist_digits.npz \
+        --method completion-gan --variant default --variant candidates=1 \
+        --variant truncation=1.25,herd=rendered
+
+BENCH_DIR is an `inkfill bench --out` directory (hidden cells, not --new-writers): its
+results.json gives the seed and the number of hidden cells, so the split, the judge and the
+train-on-fills backbone are the bench's own (both cached by the bench; trained again if the cache
+is gone). A variant is a comma-separated list of `fill --sample` settings ("default": none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inkfill.bench import CAS_SEED, Scorer, split_reference, train_judge  # noqa: E402
+from inkfill.cas import TrainOnFills  # noqa: E402
+from inkfill.cli import _apply_sampling  # noqa: E402
+from inkfill.config import FeatureConfig  # noqa: E402
+from inkfill.data import WriterMatrix, load_dataset  # noqa: E402
+from inkfill.methods import fill, load_run  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("bench", type=Path)
+    p.add_argument("--data", required=True)
+    p.add_argument("--labels", default="digits")
+    p.add_argument("--method", default="completion-gan")
+    p.add_argument("--variant", action="append", default=[])
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    saved = json.loads((args.bench / "results.json").read_text())
+    config = saved["config"]
+    if config["new_writers"]:
+        sys.exit("refill_scores.py: a --new-writers bench has no hidden cells to re-fill")
+    seed, per_cell, dev = config["seed"], config["per_cell"], torch.device("cpu")
+    matrix = WriterMatrix(load_dataset(args.data, labels=args.labels))
+    reduced, hidden = matrix.holdout(config["hidden_cells"], seed=seed)
+    assert [h.writer for h in hidden] == [c["writer"] for c in saved["hidden_cells"]], (
+        "not the bench's hidden cells: another --data or --labels?"
+    )
+    train, reference = split_reference(reduced, seed)
+    features = FeatureConfig(**saved["feature_config"])
+    judge, _ = train_judge(reduced, train, features, seed, dev)
+    scorer = Scorer(reduced, hidden, reference, judge, seed)
+    backbone, _ = train_judge(reduced, train, features, seed + CAS_SEED, dev)
+    cols = np.asarray([reduced.col(h.label) for h in hidden])
+    rows = np.asarray([reduced.row(h.writer) for h in hidden])
+    cas = TrainOnFills(reduced, rows, cols, [b for _, b in scorer.halves], backbone.net,
+                       train, reference, seed, dev)  # fmt: skip
+    cells = [(h.writer, h.label) for h in hidden]
+    print("| variant | MRR | label acc | FID | div ratio | writer CAS top-1 / top-5 | label CAS |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for variant in args.variant or ["default"]:
+        method = load_run(args.bench / "runs" / args.method)
+        _apply_sampling(method, [] if variant == "default" else variant.split(","))
+        start = time.perf_counter()
+        filled = fill(method, cells, per_cell, seed=seed)
+        fills = [filled.images[k * per_cell : (k + 1) * per_cell] for k in range(len(cells))]
+        row, score = scorer.score(fills), cas.score(fills)
+        figures = [f"{row['mrr']:.3f}", f"{row['label_accuracy']:.3f}", f"{row['fid']:.2f}",
+                   f"{row['diversity_ratio']:.2f}",
+                   f"{score['writer_cas_top1']:.3f} / {score['writer_cas_top5']:.3f}",
+                   f"{score['label_cas']:.3f}"]  # fmt: skip
+        print(f"| {variant} | {' | '.join(figures)} |", flush=True)
+        print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
