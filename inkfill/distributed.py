@@ -127,6 +127,12 @@ def gather(obj) -> list:
     return out
 
 
+def smallest_shard(n: int) -> int:
+    """The size of the smallest rank's `shard(n)`: a loop that takes a collective step per batch
+    must step as often on every rank, or the rank with one batch more waits forever."""
+    return n if n < world_size() else n // world_size()
+
+
 def shard(n: int) -> torch.Tensor:
     """This rank's share of n items: indices rank, rank + world, ... (all of them when there are
     fewer items than ranks)."""

@@ -269,7 +269,7 @@ def train_feature_net(
     shards) and the gradients are averaged over the ranks; pass each rank its own `rng`.
     """
     mine = distributed.shard(len(images)).to(images.device)
-    steps_per_epoch = max(1, len(mine) // batch_size)
+    steps_per_epoch = max(1, distributed.smallest_shard(len(images)) // batch_size)
     distributed.broadcast([net])
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(

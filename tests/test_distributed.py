@@ -19,8 +19,8 @@ from inkfill import distributed
 from inkfill.data import WriterMatrix, to_model
 from inkfill.methods import METHODS, load_run
 from inkfill.methods.personal import _CellSampler
-from inkfill.models import Discriminator, Generator
-from inkfill.train import train_gan
+from inkfill.models import Discriminator, FeatureNet, Generator
+from inkfill.train import train_feature_net, train_gan
 
 
 def _free_port() -> int:
@@ -43,6 +43,36 @@ def _train_rank(rank: int, world: int, port: int, out: str) -> None:
     flat = torch.cat([p.detach().flatten() for p in [*G.parameters(), *D.parameters()]])
     torch.save({"weights": flat, "seen": torch.cat(seen)}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _feature_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)
+    # 31 images in batches of 8: rank 0's shard (16) is two whole batches, rank 1's (15) not.
+    data = make_dataset(n_writers=6, seed=1).subset(torch.arange(31).numpy())
+    net = FeatureNet(10, 6, width=4, dim=8)
+    rows = torch.as_tensor([int(w[1:]) for w in data.writers])
+    train_feature_net(net, to_model(data.images), torch.as_tensor(data.labels), rows, epochs=2,
+                      batch_size=8, rng=torch.Generator().manual_seed(rank))  # fmt: skip
+    torch.save(torch.cat([p.detach().flatten() for p in net.parameters()]), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_feature_net_ranks_step_alike_when_their_shards_differ_in_batches(tmp_path):
+    """35,071 images in two ranks' shards of 17,536 and 17,535: 137 batches of 128 against 136,
+    and the rank with one more waited in its all-reduce forever (a real torchrun fit hung). Every
+    rank now steps as often as the smallest shard allows."""
+    ctx = mp.spawn(_feature_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks did not finish: one waits in a collective the other skipped")
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_ddp_ranks_end_with_the_same_weights_from_their_own_shards(tmp_path):

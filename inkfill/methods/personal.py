@@ -279,7 +279,7 @@ def train_classifier(
     rows = torch.as_tensor(matrix.rows, device=method.device_)
     rng = distributed.generator(cell_seed(method.seed, "classifier", method.name))
     epochs = method.classifier_epochs or auto_classifier_epochs(len(x))
-    steps = epochs * max(1, len(distributed.shard(len(x))) // 128)
+    steps = epochs * max(1, distributed.smallest_shard(len(x)) // 128)
     if method._finished("classifier", {"net": net}) is None:
         # Its dropout draws from the global stream: fork it, so that what follows starts
         # from the same state whether the classifier was trained now or loaded on resume.
