@@ -83,26 +83,25 @@ def tiny_npz(tiny, tmp_path) -> Path:
     return path
 
 
+def _shared(path: Path, what: str = "real FEMNIST") -> Path:
+    """`path` under ../shared/data, or skip the test with where it was looked for."""
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (needs ../shared/data beside the repo)")
+    return path
+
+
 @pytest.fixture
 def real_digits() -> Path:
-    if not REAL_DIGITS.exists():
-        pytest.skip(
-            f"real FEMNIST not found at {REAL_DIGITS} (needs ../shared/data beside the repo)"
-        )
-    return REAL_DIGITS
+    return _shared(REAL_DIGITS)
 
 
 @pytest.fixture(scope="session")
 def real_digits_half(tmp_path_factory) -> Path:
     """Every other writer of the real FEMNIST digits (258 of 516, ~17k images): real data for
     the end-to-end tests that train networks, in about half the time of the whole file."""
-    if not REAL_DIGITS.exists():
-        pytest.skip(
-            f"real FEMNIST not found at {REAL_DIGITS} (needs ../shared/data beside the repo)"
-        )
     from inkfill.data import load_dataset
 
-    data = load_dataset(REAL_DIGITS)
+    data = load_dataset(_shared(REAL_DIGITS))
     keep = np.isin(data.writers, np.unique(data.writers)[::2])
     path = tmp_path_factory.mktemp("real") / "femnist_digits_half.npz"
     data.subset(np.flatnonzero(keep)).save(path)
@@ -111,13 +110,9 @@ def real_digits_half(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def real_all() -> Path:
-    if not REAL_ALL.exists():
-        pytest.skip(f"real FEMNIST not found at {REAL_ALL} (needs ../shared/data beside the repo)")
-    return REAL_ALL
+    return _shared(REAL_ALL)
 
 
 @pytest.fixture
 def real_leaf() -> Path:
-    if not REAL_LEAF.exists():
-        pytest.skip(f"LEAF shards not found at {REAL_LEAF} (needs ../shared/data beside the repo)")
-    return REAL_LEAF
+    return _shared(REAL_LEAF, "LEAF shards")
