@@ -152,12 +152,13 @@ def plot(results: Path, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["method"], r.get("processes", 1), bool(r.get("fit_args")))
+        key = (r["method"], r.get("generator", ""), r.get("processes", 1), bool(r.get("fit_args")))
         groups.setdefault(key, []).append(r)
-    for (method, nproc, short), part in sorted(groups.items()):
+    for (method, generator, nproc, short), part in sorted(groups.items()):
         part = sorted(part, key=lambda r: r["images"])
         x = [r["images"] for r in part]
-        label = f"{method}, {nproc} process{'es' if nproc > 1 else ''}"
+        label = f"{method}{f' ({generator})' if generator else ''}, "
+        label += f"{nproc} process{'es' if nproc > 1 else ''}"
         style = dict(marker="o", linestyle="--" if short else "-")
         if short:
             label += f" (short fit: {part[0]['fit_args']})"
@@ -169,6 +170,9 @@ def plot(results: Path, out: Path) -> None:
     axes[1].set(xscale="log", xlabel="images", ylabel="peak memory (GiB)", title="peak memory")
     axes[1].axhline(8, color="grey", lw=0.8, ls=":")
     for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks([35_000, 100_000, 390_000, 805_000], ["35k", "100k", "390k", "805k"])
+        ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -254,6 +258,8 @@ def main():
                        "writers": n_writers, "processes": nproc, "fit_args": args.fit_args,
                        "fit_s": round(metrics["fit_seconds"], 1), "command_s": round(wall, 1),
                        "peak_rss_gib": round(peak / 2**30, 2), "phase_seconds": phases}  # fmt: skip
+                if config["params"].get("generator"):  # cluster-gan: conditional or per-cluster
+                    row["generator"] = config["params"]["generator"]
                 projected = projected_seconds(method, phases, fit_args, summary)
                 if fit_args and projected is not None:
                     row["projected_fit_s"] = round(projected, 1)
