@@ -429,15 +429,24 @@ def run_bench(
 def _cas_references(rows: dict, cas: TrainOnFills, scorer: Scorer, fills: dict) -> None:
     """The rows the train-on-fills scores are read against: no fills at all, the real half A of
     each hidden cell as the fills (the ceiling), as many real images of other cells as the fills
-    (label CAS), and the shared label head before fine-tuning."""
-    rows["ceiling (real)"].update(cas.score([a for a, _ in scorer.halves]))
+    (label CAS), and the shared label head before fine-tuning.
+
+    The ceiling's label CAS trains on half A of each hidden cell drawn with replacement up to as
+    many images as a fill has: what a perfect generator of these cells would teach. It sees only
+    the hidden cells' writers, where `label_cas_real` sees as many images of every writer."""
+    halves = [a for a, _ in scorer.halves]
+    rows["ceiling (real)"].update(cas.score(halves))
     rows["ceiling (real)"].pop("label_cas")  # half A is fewer images than a fill: not comparable
     rows["no fill"] = cas.score(None)
     shared = cas.shared()
     rows["no fill"]["shared_missing_acc"] = shared["personal_missing_acc"]
     rows["no fill"]["shared_other_acc"] = shared["personal_other_acc"]
     if fills:
-        rows["no fill"]["label_cas_real"] = cas.label_cas_real(next(iter(fills.values())))
+        first = next(iter(fills.values()))
+        rows["no fill"]["label_cas_real"] = cas.label_cas_real(first)
+        rng = np.random.default_rng(cas.seed)
+        drawn = [a[rng.choice(len(a), len(f))] if len(a) else a for a, f in zip(halves, first)]
+        rows["ceiling (real)"]["label_cas"] = cas.label_cas(drawn)["label_cas"]
 
 
 def _fill_new(method, hidden: list[HiddenCell], per_cell: int, seed: int) -> Dataset:
@@ -548,7 +557,9 @@ def cas_markdown(rows: dict) -> list[str]:
         "half B of the real hidden cells (which writer wrote this?). Label CAS: a small CNN "
         "trained from scratch on the fills alone, tested on 5,000 real images of other cells; "
         "the same CNN on as many real images of the same labels scores "
-        f"{none.get('label_cas_real', float('nan')):.3f}. Personalization: per writer with a "
+        f"{none.get('label_cas_real', float('nan')):.3f} (the real row: half A of the hidden "
+        "cells drawn with replacement to as many images, only the hidden cells' writers). "
+        "Personalization: per writer with a "
         "hidden cell, the shared label head fine-tuned on half of the writer's own images plus the "
         "fills, tested on the hidden cell's half B (missing label) and on the writer's other "
         "half (other labels); before fine-tuning the shared head scores "
