@@ -436,7 +436,7 @@ def _cas_references(rows: dict, cas: TrainOnFills, scorer: Scorer, fills: dict) 
     the hidden cells' writers, where `label_cas_real` sees as many images of every writer."""
     halves = [a for a, _ in scorer.halves]
     rows["ceiling (real)"].update(cas.score(halves))
-    rows["ceiling (real)"].pop("label_cas")  # half A is fewer images than a fill: not comparable
+    rows["ceiling (real)"].pop("label_cas")  # re-scored below on half A drawn to a fill's size
     rows["no fill"] = cas.score(None)
     shared = cas.shared()
     rows["no fill"]["shared_missing_acc"] = shared["personal_missing_acc"]
