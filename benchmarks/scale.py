@@ -170,7 +170,6 @@ def plot(results: Path, out: Path) -> None:
     axes[1].set(xscale="log", xlabel="images", ylabel="peak memory (GiB)", title="peak memory")
     axes[1].axhline(8, color="grey", lw=0.8, ls=":")
     for ax in axes:
-        ax.set_xscale("log")
         ax.set_xticks([35_000, 100_000, 390_000, 805_000], ["35k", "100k", "390k", "805k"])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")

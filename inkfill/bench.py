@@ -435,8 +435,8 @@ def _cas_references(rows: dict, cas: TrainOnFills, scorer: Scorer, fills: dict) 
     many images as a fill has: what a perfect generator of these cells would teach. It sees only
     the hidden cells' writers, where `label_cas_real` sees as many images of every writer."""
     halves = [a for a, _ in scorer.halves]
-    rows["ceiling (real)"].update(cas.score(halves))
-    rows["ceiling (real)"].pop("label_cas")  # re-scored below on half A drawn to a fill's size
+    emb = [cas.embed(a) for a in halves]  # its label CAS comes below, on half A drawn to size
+    rows["ceiling (real)"].update({**cas.writer_cas(emb), **cas.personalization(emb)})
     rows["no fill"] = cas.score(None)
     shared = cas.shared()
     rows["no fill"]["shared_missing_acc"] = shared["personal_missing_acc"]
