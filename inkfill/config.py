@@ -374,12 +374,20 @@ class CompletionGANConfig:
     r1_weight: float = param(
         1.0, "R1: penalise D's gradient on real images (gamma / 2 * |grad|^2; 0: off)"
     )
+    r1_every: int = param(
+        1, "lazy R1: the penalty only every this many steps, as many times as strong"
+    )
     recon_weight: float = param(
         10.0, "cVAE: L1 redrawing each real image from its inferred noise (0: off)"
     )
     kl_weight: float = param(0.05, "cVAE: KL of the inferred noise to N(0, I)")
     judge_style: bool = param(True, "the discriminator also judges the style (projection)")
     shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
+    ema_halflife: float = param(
+        0.0,
+        "half-life, in GAN steps, of the moving average of the generator's weights that the run "
+        "keeps (G_ema; shorter early on; 0: keep the last weights)",
+    )
     truncation: float = param(1.0, "sampling: z ~ truncation * N(0, I)")
     candidates: int = param(
         16,
@@ -409,6 +417,7 @@ class CompletionGANConfig:
             "nz",
             "ngf",
             "ndf",
+            "r1_every",
         ):
             if getattr(self, name) < 1:
                 raise InkfillError(f"--{name.replace('_', '-')} must be at least 1")
@@ -422,6 +431,8 @@ class CompletionGANConfig:
             raise InkfillError(f"--herd must be 'predicted' or 'rendered', not {self.herd!r}")
         if self.predictor_draws < 0:
             raise InkfillError("--predictor-draws must be >= 0 (0: no predictor)")
+        if not self.ema_halflife >= 0:
+            raise InkfillError("--ema-halflife must be >= 0 (0: no average)")
         _check_rank(self)
         if not 0 <= self.predicted_share <= 1 or not self.nce_temperature > 0:
             raise InkfillError("--predicted-share must be in [0, 1] and --nce-temperature > 0")

@@ -10,6 +10,7 @@ loss objects). Everything here takes tensors that already sit on the training de
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
@@ -65,6 +66,64 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+class EMA:
+    """An exponential moving average of the generator side's weights, the generator that is kept
+    (G_ema, Karras et al. 2018 and every StyleGAN since): the live weights keep moving with each
+    step's noisy gradients around the equilibrium, and their average draws cleaner images at no
+    training cost.
+
+    `averaged` holds a frozen copy of each of `modules`; after every generator step, `update`
+    moves it toward the live weights with a half-life of `halflife` steps, shortened to
+    `rampup` times the steps taken so far early on (as StyleGAN2 and EDM do), so that the average
+    forgets the random start. Buffers (batch-norm statistics) are copied as they are; a
+    generator with batch norm should have them measured again for the averaged weights at the end
+    (`recalibrate_batch_norm`). Put `averaged` in the loop's checkpoint to resume it."""
+
+    def __init__(self, modules: list[nn.Module], halflife: float, rampup: float = 0.1):
+        self.live = modules
+        self.averaged = [copy.deepcopy(m).requires_grad_(False).eval() for m in modules]
+        self.halflife, self.rampup = halflife, rampup
+        self._live = [p for m in modules for p in m.parameters()]
+        self._avg = [p for m in self.averaged for p in m.parameters()]
+        self._live_buffers = [b for m in modules for b in m.buffers()]
+        self._avg_buffers = [b for m in self.averaged for b in m.buffers()]
+
+    def decay(self, step: int) -> float:
+        """The share of the average kept at `step` (1-based)."""
+        halflife = min(self.halflife, self.rampup * step)
+        return 0.5 ** (1.0 / halflife) if halflife > 0 else 0.0
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(self._avg, self._live, 1.0 - self.decay(step))
+        for avg, live in zip(self._avg_buffers, self._live_buffers):
+            avg.copy_(live)
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    module: nn.Module, draw: Callable[[], torch.Tensor], batches: int = 64
+) -> None:
+    """Measure again the running statistics of `module`'s batch norms as the plain mean over
+    `batches` calls of `draw()` (which runs `module` forward on fresh inputs): a weight average's
+    batch-norm layers otherwise keep statistics measured on other weights (as SWA's update_bn).
+    Under torchrun every rank ends with rank 0's statistics."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    module.train()
+    for _ in range(batches):
+        draw()
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    module.eval()
+    distributed.broadcast([b for m in norms for b in m.buffers()])
+
+
 class Game:
     """One GAN for `adversarial`: what it trains and how a step scores it.
 
@@ -82,6 +141,7 @@ class Game:
     g_groups: list[dict]
     d_params: list[nn.Parameter]
     keys: tuple[str, ...]
+    step: int = 0  # the loop's step (1-based), set before each d_loss
 
     def sample(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -106,6 +166,7 @@ def adversarial(
     progress=None,
     checkpoint: Loop | None = None,
     sampler: Batches | None = None,
+    ema: EMA | None = None,
 ) -> dict[str, list[float]]:
     """The one adversarial loop: alternating D and G steps of `game`, Adam(lr, (beta1, 0.999))
     on each side, bf16 autocast where asked. Under torchrun every rank starts from rank 0's
@@ -113,8 +174,8 @@ def adversarial(
     game draws this rank's data and `rng` is this rank's noise. Returns the loss history, means
     over every `log_every` steps; a non-finite D or G loss stops training with a clear error. With
     a `checkpoint` (checkpoint.Loop) the loop saves its state (and `sampler`'s place) at log
-    boundaries and, if a saved state of this loop exists, continues from it. `progress` is a tqdm
-    bar or None."""
+    boundaries and, if a saved state of this loop exists, continues from it. With an `ema`, its
+    average follows the generator side after every step. `progress` is a tqdm bar or None."""
     groups = [
         {"params": list(g["params"]), "lr": lr * g.get("lr_scale", 1.0)} for g in game.g_groups
     ]
@@ -128,6 +189,7 @@ def adversarial(
     start = losses.resume(checkpoint, {"g": opt_g, "d": opt_d}, rng, progress, sampler)
     for step in range(start + 1, steps + 1):
         batch = game.sample()
+        game.step = step
         with autocast(device, bf16):
             loss_d, logged, state = game.d_loss(batch)
         opt_d.zero_grad(set_to_none=True)
@@ -141,6 +203,8 @@ def adversarial(
         loss_g.backward()
         distributed.average_gradients(g_params)
         opt_g.step()
+        if ema is not None:
+            ema.update(step)
 
         with torch.no_grad():
             logged.update(more)
@@ -646,8 +710,8 @@ class _PersonalGame(Game):
     """The personal generators' game (see train_personal_gan)."""
 
     def __init__(self, generator, discriminator, style_of, style_params, sample, loss, posterior,
-                 *, style_lr, samples_per_cell, label_weight, r1_weight, judge_style, shift,
-                 rng):  # fmt: skip
+                 *, style_lr, samples_per_cell, label_weight, r1_weight, r1_every, judge_style,
+                 shift, rng):  # fmt: skip
         self.generator, self.discriminator, self.posterior = generator, discriminator, posterior
         self.modules = [m for m in (generator, discriminator, posterior) if m is not None]
         g_params = [*generator.parameters(), *loss.params,
@@ -657,6 +721,7 @@ class _PersonalGame(Game):
         self.d_params = [*discriminator.parameters()]
         self.style_of, self.sample, self.loss = style_of, sample, loss
         self.m, self.label_weight, self.r1_weight = samples_per_cell, label_weight, r1_weight
+        self.r1_every = r1_every
         self.judge_style, self.shift, self.rng = judge_style, shift, rng
         self.keys = ("adv", *loss.terms, *(["r1"] if r1_weight > 0 else []), "d_label_acc")
 
@@ -688,13 +753,17 @@ class _PersonalGame(Game):
         loss = bce_d_loss(real_logit.float(), fake_logit.float())
         loss = loss + self.label_weight * F.cross_entropy(real_cls.float(), labels)
         logged = {"d_label_acc": (real_cls.detach().argmax(1) == labels).float().mean()}
-        if self.r1_weight > 0:  # in fp32 whatever the autocast: a second derivative
-            with torch.autocast(device.type, enabled=False):
-                real = batch["real"].detach().requires_grad_(True)
-                logit, _ = self.judge(real, labels, style.detach().float())
-                (grad,) = torch.autograd.grad(logit.sum(), real, create_graph=True)
-                logged["r1"] = grad.pow(2).sum((1, 2, 3)).mean()
-            loss = loss + 0.5 * self.r1_weight * logged["r1"]
+        if self.r1_weight > 0:
+            # Lazy R1 (Karras et al. 2020): every `r1_every` steps, r1_every times as strong;
+            # logged as that, 0 between, so a log interval's mean is the penalty per step.
+            logged["r1"] = torch.zeros((), device=device)
+            if self.step % self.r1_every == 0:
+                with torch.autocast(device.type, enabled=False):  # fp32: a second derivative
+                    real = batch["real"].detach().requires_grad_(True)
+                    logit, _ = self.judge(real, labels, style.detach().float())
+                    (grad,) = torch.autograd.grad(logit.sum(), real, create_graph=True)
+                    logged["r1"] = grad.pow(2).sum((1, 2, 3)).mean() * self.r1_every
+                loss = loss + 0.5 * self.r1_weight * logged["r1"]
         state = dict(fake=fake, fakes=fakes, fake_labels=fake_labels, fake_style=fake_style,
                      style=style, recon=recon, mu=mu, logvar=logvar)  # fmt: skip
         return loss, logged, state
@@ -728,11 +797,13 @@ def train_personal_gan(
     judge_style: bool,
     shift: int,
     rng: torch.Generator,
+    r1_every: int = 1,
     posterior: nn.Module | None = None,
     bf16: bool = False,
     log_every: int = 10,
     progress=None,
     checkpoint: Loop | None = None,
+    ema: EMA | None = None,
 ) -> dict[str, list[float]]:
     """The personal generators G(z, style, label) (embed-gan, encoder-gan, completion-gan) in
     `adversarial`; what differs between them is `style_of` and `loss`.
@@ -746,16 +817,18 @@ def train_personal_gan(
     noise. G's loss: the non-saturating adversarial term with the label term (`label_weight`),
     plus `loss`'s named terms. The style parameters learn at `style_lr` times `lr`. With
     `r1_weight` > 0, D's gradient on real images is penalised by r1_weight / 2 * |grad|^2 (R1,
-    Mescheder et al. 2018), which keeps D from overpowering G. Every weight comes from the
-    method's config (no defaults here, so there is one source).
+    Mescheder et al. 2018), which keeps D from overpowering G; with `r1_every` k > 1 only every
+    k-th step, k times as strong (lazy regularization, Karras et al. 2020). An `ema` averages
+    the generator side's weights as it trains (see EMA). Every weight comes from the method's
+    config (no defaults here, so there is one source).
     """
     game = _PersonalGame(
         generator, discriminator, style_of, style_params, sample, loss, posterior,
         style_lr=style_lr, samples_per_cell=samples_per_cell, label_weight=label_weight,
-        r1_weight=r1_weight, judge_style=judge_style, shift=shift, rng=rng,
+        r1_weight=r1_weight, r1_every=r1_every, judge_style=judge_style, shift=shift, rng=rng,
     )  # fmt: skip
     device = next(generator.parameters()).device
     return adversarial(
         game, steps=steps, lr=lr, beta1=beta1, rng=rng, device=device, bf16=bf16,
-        log_every=log_every, progress=progress, checkpoint=checkpoint,
+        log_every=log_every, progress=progress, checkpoint=checkpoint, ema=ema,
     )  # fmt: skip

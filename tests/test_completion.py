@@ -13,7 +13,7 @@ from inkfill.methods import load_run
 from inkfill.methods.completion import CompletionGAN, PredictedRetrieval, auto_steps, herd
 from inkfill.methods.personal import auto_classifier_epochs
 from inkfill.models import DrawPredictor
-from inkfill.train import CellLoss
+from inkfill.train import EMA, CellLoss, recalibrate_batch_norm
 
 # rank_steps: the ranking refinement runs, briefly (its default 300 steps per label were most of
 # a tiny fit's time; its own test below runs 200).
@@ -446,3 +446,77 @@ def test_completion_gan_cli_on_real_digits(real_digits_half, tmp_path):
     filled = load_dataset(out)
     assert len(filled) == 2 * len(load_run(run).matrix_.empty_cells())
     assert filled.images.max() > 0
+
+
+def test_ema_halves_its_gap_to_constant_weights_every_halflife():
+    live = torch.nn.Linear(3, 2)
+    ema = EMA([live], halflife=10, rampup=0.1)
+    assert ema.decay(1) == pytest.approx(0.5**10)  # ramp-up: the start is forgotten at once
+    assert ema.decay(50) == pytest.approx(0.5 ** (1 / 5))
+    assert ema.decay(100) == ema.decay(5000) == pytest.approx(0.5 ** (1 / 10))
+    (avg,) = ema.averaged
+    assert not any(p.requires_grad for p in avg.parameters())
+    start = avg.weight.detach().clone()
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    for step in range(100, 110):  # ten steps at the full half-life
+        ema.update(step)
+    torch.testing.assert_close(avg.weight, start + 0.5)
+
+
+def test_recalibrated_batch_norm_holds_the_mean_and_variance_of_the_draws():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(64, 4, generator=gen) * 2 + 1 for _ in range(8)]
+    it = iter(xs)
+    recalibrate_batch_norm(net, lambda: net(next(it)), batches=8)
+    with torch.no_grad():
+        h = net[0](torch.cat(xs))
+    norm = net[1]
+    torch.testing.assert_close(norm.running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.running_var, h.var(0), rtol=2e-2, atol=1e-4)
+    assert norm.momentum == 0.1 and not net.training
+
+
+def test_completion_gan_keeps_the_averaged_generator(matrix):
+    plain = CompletionGAN(**TINY).fit(matrix)
+    averaged = CompletionGAN(**{**TINY, "ema_halflife": 2.0}).fit(matrix)
+    # The same live training (the average only reads it), another kept generator.
+    assert plain.history_ == averaged.history_
+    a, b = plain.generator_.state_dict(), averaged.generator_.state_dict()
+    assert not torch.equal(a["net.fc.weight"], b["net.fc.weight"])
+    writer, label = matrix.empty_cells()[0]
+    images = averaged.generate(writer, label, 5, seed=1)
+    assert images.shape == (5, 28, 28) and images.std() > 0
+
+
+def test_lazy_r1_runs_every_kth_step_k_times_as_strong(matrix):
+    from inkfill.methods.personal import _CellSampler
+    from inkfill.models import PersonalDiscriminator, PersonalGenerator
+    from inkfill.train import _GeneratorLoss, train_personal_gan
+
+    class NoTerms(_GeneratorLoss):
+        weights = {}
+
+        def __call__(self, *args):
+            return {}
+
+    def history(r1_every):
+        torch.manual_seed(0)
+        gen, disc = PersonalGenerator(10, 8, 4, 8), PersonalDiscriminator(10, 8, 8)
+        style = torch.nn.Embedding(matrix.n_writers, 8)
+        rng = torch.Generator().manual_seed(1)
+        sampler = _CellSampler(matrix, "cpu", 4, 1, rng)
+        return train_personal_gan(
+            gen, disc, lambda b: style(b["rows"]), [*style.parameters()], sampler, NoTerms(),
+            steps=8, samples_per_cell=2, lr=1e-4, style_lr=1.0, beta1=0.5, label_weight=1.0,
+            r1_weight=1.0, judge_style=True, shift=0, rng=rng, r1_every=r1_every, log_every=1,
+        )  # fmt: skip
+
+    lazy = np.asarray(history(4)["r1"])
+    assert (lazy[[0, 1, 2, 4, 5, 6]] == 0).all() and (lazy[[3, 7]] > 0).all()
+    every = np.asarray(history(1)["r1"])
+    assert (every > 0).all()
+    # At step 4 the two runs differ only by three small steps of R1's gradient (lr 1e-4), so the
+    # lazy penalty is about 4x the plain one (unscaled, it would be about 1x).
+    assert lazy[3] == pytest.approx(4 * every[3], rel=0.5)

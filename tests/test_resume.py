@@ -34,6 +34,20 @@ CASES = {
         style_dim=8, nz=4, ngf=8, ndf=8, steps=40, batch_cells=4, classifier_epochs=1
     ),  # fmt: skip
     "collagan": dict(width=4, ndf=8, steps=40, batch_cells=4),
+    # The averaged generator and lazy R1 resume exactly too.
+    "completion-gan": dict(
+        style_dim=8,
+        nz=4,
+        ngf=8,
+        ndf=8,
+        steps=40,
+        batch_cells=4,
+        classifier_epochs=1,
+        rank_steps=30,
+        predictor_draws=2000,
+        ema_halflife=5,
+        r1_every=3,
+    ),
 }
 
 

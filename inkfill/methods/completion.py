@@ -37,7 +37,7 @@ from ..models import (
     PosteriorEncoder,
 )
 from ..progress import tqdm
-from ..train import CellLoss, train_personal_gan
+from ..train import EMA, CellLoss, recalibrate_batch_norm, train_personal_gan
 from .base import Method, cell_generator, cell_seed, save_generator_figures
 from .personal import _CellSampler, _PersonalGAN, embed_images, train_classifier
 
@@ -218,6 +218,10 @@ class CompletionGAN(_StyleSpace):
             modules = {"generator": self.generator_, "style": self.style_, "discriminator": disc}
             if posterior is not None:
                 modules["posterior"] = posterior
+            ema = None
+            if self.ema_halflife > 0:
+                ema = EMA([self.generator_, self.style_], self.ema_halflife)
+                modules["generator_ema"], modules["style_ema"] = ema.averaged
             done = self._finished(self.name, modules)
             if done is None:
                 with (
@@ -231,12 +235,16 @@ class CompletionGAN(_StyleSpace):
                         [*self.style_.parameters()], sample, loss,
                         steps=steps, samples_per_cell=self.samples_per_cell, lr=self.lr,
                         style_lr=self.style_lr, beta1=self.beta1, label_weight=self.label_weight,
-                        r1_weight=self.r1_weight,
+                        r1_weight=self.r1_weight, r1_every=self.r1_every,
                         judge_style=self.judge_style, shift=self.shift, rng=rng,
                         posterior=posterior, bf16=self.bf16, progress=bar,
-                        checkpoint=self._loop(self.name, modules),
+                        checkpoint=self._loop(self.name, modules), ema=ema,
                     )  # fmt: skip
+                    if ema is not None:
+                        self._recalibrate(*ema.averaged, sample, rng)
                 self._finish(self.name, modules, done)
+            if ema is not None:  # the run keeps the averaged generator
+                self.generator_, self.style_ = ema.averaged
             self.history_ = {self.name: done}
             self.style_.eval()
             self.draw_predictor_ = None
@@ -244,6 +252,20 @@ class CompletionGAN(_StyleSpace):
                 with self._phase("draw predictor"):
                     self.draw_predictor_, _ = self._fit_draw_predictor(progress)
         del self.embeddings_, self.protos_, self.counts_
+
+    def _recalibrate(self, generator, style, sample, rng) -> None:
+        """Batch-norm statistics of the averaged generator, measured on its own draws of
+        training cells (as many images as 64 training steps draw)."""
+        m = self.samples_per_cell
+
+        def draw():
+            batch = sample()
+            labels = batch["labels"].repeat_interleave(m)
+            codes = style(batch["condition"], batch["labels"]).repeat_interleave(m, 0)
+            z = torch.randn(len(labels), self.nz, generator=rng).to(labels.device)
+            return generator(z, codes, labels)
+
+        recalibrate_batch_norm(generator, draw)
 
     def _fit_draw_predictor(self, progress: bool) -> tuple[DrawPredictor, dict]:
         """Learn the classifier's embedding of a draw from its (noise, style, label), on
