@@ -80,7 +80,6 @@ class EMA:
     (`recalibrate_batch_norm`). Put `averaged` in the loop's checkpoint to resume it."""
 
     def __init__(self, modules: list[nn.Module], halflife: float, rampup: float = 0.1):
-        self.live = modules
         self.averaged = [copy.deepcopy(m).requires_grad_(False).eval() for m in modules]
         self.halflife, self.rampup = halflife, rampup
         self._live = [p for m in modules for p in m.parameters()]
