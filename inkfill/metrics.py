@@ -46,17 +46,19 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)): the Frechet distance of two Gaussians
-    (Dowson & Landau 1982), i.e. FID when the statistics come from a feature network."""
-    from scipy import linalg
+    (Dowson & Landau 1982), i.e. FID when the statistics come from a feature network.
 
-    diff = np.asarray(mu1) - np.asarray(mu2)
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
-        # Near-singular product: regularise the diagonal, as FID implementations do.
-        eps = np.eye(len(sigma1)) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
+    a symmetric positive semi-definite matrix with the same spectrum as S1 S2: two symmetric
+    eigendecompositions, real throughout and defined for singular covariances, with no general
+    matrix square root (scipy.linalg.sqrtm, whose `disp` argument goes away in SciPy 1.18)."""
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root @ s2 @ root)
+    trace_covmean = np.sqrt(np.clip(inner, 0, None)).sum()
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_covmean)
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
