@@ -142,6 +142,9 @@ def fit_command(method: str, data: Path, run: Path, nproc: int, fit_args: list[s
             *fit_args]  # fmt: skip
 
 
+LABEL_MARKERS = {"digits": "o", "all": "s"}  # 10 digits; all 62 labels
+
+
 def plot(results: Path, out: Path) -> None:
     import matplotlib
 
@@ -149,21 +152,24 @@ def plot(results: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["method"], r.get("generator", ""), r.get("processes", 1), bool(r.get("fit_args")))
+        key = (r["method"], r.get("generator", ""), r.get("processes", 1), r.get("fit_args", ""))
         groups.setdefault(key, []).append(r)
-    for (method, generator, nproc, short), part in sorted(groups.items()):
+    for (method, generator, nproc, fit_args), part in sorted(groups.items()):
+        short = bool(fit_args)
         part = sorted(part, key=lambda r: r["images"])
         x = [r["images"] for r in part]
         label = f"{method}{f' ({generator})' if generator else ''}, "
         label += f"{nproc} process{'es' if nproc > 1 else ''}"
-        style = dict(marker="o", linestyle="--" if short else "-")
         if short:
-            label += f" (short fit: {part[0]['fit_args']})"
-        axes[0].plot(x, [r["fit_s"] / 60 for r in part], label=label, **style)
-        axes[1].plot(x, [r["peak_rss_gib"] for r in part], label=label, **style)
+            label += f" (short fit: {fit_args})"
+        for ax, y in ((axes[0], [r["fit_s"] / 60 for r in part]),
+                      (axes[1], [r["peak_rss_gib"] for r in part])):  # fmt: skip
+            (line,) = ax.plot(x, y, label=label, linestyle="--" if short else "-")
+            for xi, yi, r in zip(x, y, part):  # the label set of each point: its marker
+                ax.plot(xi, yi, LABEL_MARKERS[r.get("labels", "digits")], color=line.get_color())
     axes[0].set(xscale="log", yscale="log", xlabel="images", ylabel="fit time (min)",
                 title="fit time on 2 CPU cores")  # fmt: skip
     axes[0].axhline(120, color="grey", lw=0.8, ls=":")
@@ -173,8 +179,13 @@ def plot(results: Path, out: Path) -> None:
         ax.set_xticks([35_000, 100_000, 390_000, 805_000], ["35k", "100k", "390k", "805k"])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, _ = axes[0].get_legend_handles_labels()
+    handles += [
+        plt.Line2D([], [], color="grey", marker=m, linestyle="", label=f"{name} labels")
+        for name, m in LABEL_MARKERS.items()
+    ]
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(out, dpi=120)
     print(f"plot written to {out}")
 

@@ -37,9 +37,10 @@ class ClusterGAN(Method):
     def _fit(self, matrix: WriterMatrix, progress: bool) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.clusters_ = WriterClustering(
-                self.n_clusters, self.n_components, self.vote_rule, random_state=self.seed
-            ).fit(matrix)
+            with self._phase("clustering"):
+                self.clusters_ = WriterClustering(
+                    self.n_clusters, self.n_components, self.vote_rule, random_state=self.seed
+                ).fit(matrix)
             self._set_offsets()
             real = to_model(matrix.data.images, self.device_)
             clusters = torch.as_tensor(
@@ -47,10 +48,11 @@ class ClusterGAN(Method):
             )
             cols = torch.as_tensor(matrix.cols, device=self.device_)
             self.history_: dict[str, dict] = {}
-            if self.generator == "conditional":
-                self._fit_conditional(real, cols, clusters, progress)
-            else:
-                self._fit_per_cluster(real, cols, clusters, progress)
+            with self._phase("gan"):
+                if self.generator == "conditional":
+                    self._fit_conditional(real, cols, clusters, progress)
+                else:
+                    self._fit_per_cluster(real, cols, clusters, progress)
 
     def _set_offsets(self) -> None:
         sizes = [lab.n_clusters for lab in self.clusters_.labels_]
