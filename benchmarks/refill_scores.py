@@ -31,6 +31,7 @@ from inkfill.cli import _apply_sampling  # noqa: E402
 from inkfill.config import FeatureConfig  # noqa: E402
 from inkfill.data import WriterMatrix, load_dataset  # noqa: E402
 from inkfill.methods import fill, load_run  # noqa: E402
+from inkfill.methods.personal import embed_images  # noqa: E402
 
 
 def main():
@@ -66,6 +67,12 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|")
     for variant in args.variant or ["default"]:
         method = load_run(args.bench / "runs" / args.method)
+        if hasattr(method, "set_neighbour_bank") and getattr(method, "bank_", None) is None:
+            # a run saved before completion-gan kept its training embeddings: the same ones,
+            # from the bench's reduced data through the run's classifier
+            with torch.inference_mode():
+                bank = embed_images(method.classifier_, reduced.data.images, dev).numpy()
+            method.set_neighbour_bank(bank, reduced.cols)
         _apply_sampling(method, [] if variant == "default" else variant.split(","))
         start = time.perf_counter()
         filled = fill(method, cells, per_cell, seed=seed)

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sample", action="append", default=[], metavar="PARAM=VALUE",
         help="override one of the run's sampling parameters for this fill, e.g. candidates=1 "
-        "(completion-gan: plain draws, faster than herding the default 16), herd=rendered "
-        "or truncation=0.8 (repeatable)",
+        "(completion-gan: plain draws, faster than herding the default 16), herd=rendered, "
+        "herd_to=mean or truncation=0.8 (repeatable)",
     )  # fmt: skip
     p.add_argument(
         "--complete", action="store_true",

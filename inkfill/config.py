@@ -400,6 +400,15 @@ class CompletionGANConfig:
         "predictor guesses it from the noise; only the kept images are drawn) or 'rendered' "
         "(each candidate drawn and embedded: exact, and candidates times slower)",
     )
+    herd_to: str = param(
+        "neighbours",
+        "sampling: what the kept set must match: 'mean' (its mean code is the cell's predicted "
+        "code) or 'neighbours' (its spread is that of the real images of the label nearest the "
+        "cell's predicted prototype, moved onto it: kernel herding, MMD in the classifier's space)",
+    )
+    neighbours: int = param(
+        32, "sampling: real images whose spread herd_to=neighbours matches (at least 2)"
+    )
     predictor_draws: int = param(
         100_000,
         "draws (noise, style, label) -> embedding the draw predictor learns from after the GAN "
@@ -429,6 +438,10 @@ class CompletionGANConfig:
             raise InkfillError("--steps and --shift must be >= 0 and --truncation > 0")
         if self.herd not in ("predicted", "rendered"):
             raise InkfillError(f"--herd must be 'predicted' or 'rendered', not {self.herd!r}")
+        if self.herd_to not in ("mean", "neighbours"):
+            raise InkfillError(f"--herd-to must be 'mean' or 'neighbours', not {self.herd_to!r}")
+        if self.neighbours < 2:
+            raise InkfillError("--neighbours must be at least 2")
         if self.predictor_draws < 0:
             raise InkfillError("--predictor-draws must be >= 0 (0: no predictor)")
         if not self.ema_halflife >= 0:

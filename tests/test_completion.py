@@ -10,7 +10,13 @@ from inkfill.completion import PrototypeRegression, cell_prototypes
 from inkfill.config import InkfillError
 from inkfill.data import WriterMatrix
 from inkfill.methods import load_run
-from inkfill.methods.completion import CompletionGAN, PredictedRetrieval, auto_steps, herd
+from inkfill.methods.completion import (
+    CompletionGAN,
+    PredictedRetrieval,
+    auto_steps,
+    herd,
+    kernel_herd,
+)
 from inkfill.methods.personal import auto_classifier_epochs
 from inkfill.models import DrawPredictor
 from inkfill.train import EMA, CellLoss, recalibrate_batch_norm
@@ -520,3 +526,76 @@ def test_lazy_r1_runs_every_kth_step_k_times_as_strong(matrix):
     # At step 4 the two runs differ only by three small steps of R1's gradient (lr 1e-4), so the
     # lazy penalty is about 4x the plain one (unscaled, it would be about 1x).
     assert lazy[3] == pytest.approx(4 * every[3], rel=0.5)
+
+
+def _mmd(a: torch.Tensor, b: torch.Tensor, width2: float) -> float:
+    k = lambda x, y: torch.exp(-torch.cdist(x, y).square() / (2 * width2)).mean()  # noqa: E731
+    return float(k(a, a) - 2 * k(a, b) + k(b, b))
+
+
+def test_kernel_herd_matches_the_targets_spread_not_only_its_mean():
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(3, 200, 5, generator=gen)  # wide candidates
+    target = 0.3 * torch.randn(3, 24, 5, generator=gen)  # a narrow target around the origin
+    picks = kernel_herd(emb, target, 16)
+    mean_picks = herd(emb, target.mean(1), 16)
+    assert picks.shape == (3, 16)
+    for b in range(3):
+        assert len(set(picks[b].tolist())) == 16
+        width2 = float(torch.cdist(emb[b], target[b]).square().median())
+        kept = _mmd(emb[b, picks[b]], target[b], width2)
+        assert kept < _mmd(emb[b, :16], target[b], width2)
+        assert kept < _mmd(emb[b, mean_picks[b]], target[b], width2)
+        # the kept set is about as narrow as the target; the mean-herded one is not
+        spread = emb[b, picks[b]].std(0).mean()
+        assert spread < emb[b, mean_picks[b]].std(0).mean()
+    assert sorted(kernel_herd(emb, target, 200)[0].tolist()) == list(range(200))
+
+
+def test_neighbour_targets_are_real_spreads_moved_onto_the_prediction(fitted, matrix, tmp_path):
+    writer, label = matrix.empty_cells()[0]
+    row, col = fitted.matrix_.row(writer), fitted.matrix_.col(label)
+    code, cols = fitted.predicted_[[row], [col]], np.asarray([col])
+    targets = fitted._neighbour_targets(code, cols)[0].float()  # (K, d)
+    proto = torch.from_numpy(fitted.regression_.embed(code[0]))
+    assert targets.shape[0] == min(fitted.neighbours, int((fitted.bank_cols_ == col).sum()))
+    torch.testing.assert_close(targets.mean(0), proto, atol=1e-4, rtol=0)
+    # the label's bank images nearest the prototype, shifted by one common offset
+    pool = fitted.bank_[fitted.bank_cols_ == col]
+    nearest = torch.cdist(proto[None], pool)[0].argsort()[: len(targets)]
+    offset = targets - pool[nearest]
+    torch.testing.assert_close(offset, offset[:1].expand_as(offset), atol=1e-4, rtol=0)
+    fitted.save(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    torch.testing.assert_close(loaded.bank_, fitted.bank_)
+    assert torch.equal(loaded.bank_cols_, fitted.bank_cols_)
+
+
+def test_herding_to_the_mean_or_without_a_bank(fitted, matrix, monkeypatch):
+    import inkfill.methods.completion as completion
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[1].shape)  # the targets (C, K, d)
+        return kernel_herd(*args)
+
+    monkeypatch.setattr(completion, "kernel_herd", counted)
+    writer, label = matrix.empty_cells()[0]
+    a = fitted.generate(writer, label, 8, seed=1)  # herd_to="neighbours", the default
+    col = fitted.matrix_.col(label)
+    assert calls and calls[0][1] == min(fitted.neighbours, int((fitted.bank_cols_ == col).sum()))
+    calls.clear()
+    fitted.herd_to = "mean"
+    try:
+        b = fitted.generate(writer, label, 8, seed=1)
+    finally:
+        fitted.herd_to = CompletionGAN.Config.herd_to
+    assert not calls and a.shape == b.shape
+    bank = fitted.bank_
+    fitted.bank_ = None  # a run saved before the bank: herds to the mean
+    try:
+        np.testing.assert_array_equal(fitted.generate(writer, label, 8, seed=1), b)
+    finally:
+        fitted.bank_ = bank
+    assert not calls

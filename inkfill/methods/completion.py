@@ -251,7 +251,52 @@ class CompletionGAN(_StyleSpace):
             if self.predictor_draws:
                 with self._phase("draw predictor"):
                     self.draw_predictor_, _ = self._fit_draw_predictor(progress)
+            self.set_neighbour_bank(self.embeddings_, matrix.cols)
         del self.embeddings_, self.protos_, self.counts_
+
+    def set_neighbour_bank(self, embeddings: np.ndarray, cols: np.ndarray) -> None:
+        """Keep the classifier's embeddings (N, d) of training images of label columns `cols`
+        (N,), at most BANK_PER_LABEL of each label (a seeded random subset), for herd_to=
+        "neighbours". fit() calls it; a run saved without a bank can be given one here."""
+        rng = np.random.default_rng(cell_seed(self.seed, "neighbour bank", self.name))
+        keep = []
+        for c in np.unique(cols):
+            mine = np.flatnonzero(cols == c)
+            if len(mine) > BANK_PER_LABEL:
+                mine = np.sort(rng.choice(mine, BANK_PER_LABEL, replace=False))
+            keep.append(mine)
+        keep = np.concatenate(keep)
+        # float16, as the run stores them: a loaded run herds exactly as the fitted one
+        bank = torch.from_numpy(np.ascontiguousarray(embeddings[keep], np.float32))
+        self.bank_ = bank.half().float()
+        self.bank_cols_ = torch.from_numpy(np.asarray(cols)[keep].astype(np.int64))
+
+    def _neighbour_targets(self, codes: np.ndarray, cols: np.ndarray) -> torch.Tensor | None:
+        """(C, K, d): for each of C cells (predicted codes (C, k), label columns (C,)), the
+        embeddings of the K (`neighbours`) bank images of its label nearest its predicted
+        prototype, moved so that their mean is the prototype: the spread of real images of
+        that style, centred where the writer's cell is predicted. None where a label has fewer
+        than two bank images (herding then matches the mean)."""
+        protos = torch.from_numpy(self.regression_.embed(codes)).double()  # (C, d)
+        labels = np.unique(cols)
+        if getattr(self, "_pools", (None,))[0] is not self.bank_:  # per label, float64, once
+            self._pools = (self.bank_, {})
+        cache = self._pools[1]
+        for c in labels:
+            if int(c) not in cache:
+                cache[int(c)] = self.bank_[self.bank_cols_ == int(c)].double()
+        pools = {int(c): cache[int(c)] for c in labels}
+        k = min([self.neighbours] + [len(pool) for pool in pools.values()])
+        if k < 2:
+            return None
+        out = torch.empty(len(codes), k, protos.shape[1], dtype=torch.float64)
+        for c in labels:
+            cells = torch.from_numpy(np.flatnonzero(cols == c))
+            pool = pools[int(c)]
+            near = torch.cdist(protos[cells], pool).topk(k, largest=False).indices  # (c, K)
+            chosen = pool[near]  # (c, K, d)
+            out[cells] = chosen - chosen.mean(1, keepdim=True) + protos[cells, None]
+        return out
 
     def _recalibrate(self, generator, style, sample, rng) -> None:
         """Batch-norm statistics of the averaged generator, measured on its own draws of
@@ -371,8 +416,13 @@ class CompletionGAN(_StyleSpace):
             return images.reshape(n_cells, m, 28, 28)
         predicted = self.herd == "predicted" and getattr(self, "draw_predictor_", None) is not None
         target = torch.from_numpy(codes).double()
+        spread = None  # herd_to="neighbours": the real spread each kept set must match
+        if self.herd_to == "neighbours" and getattr(self, "bank_", None) is not None:
+            spread = self._neighbour_targets(codes, cols)
         components = torch.from_numpy(self.regression_.components_).to(self.device_)
         mean = torch.from_numpy(self.regression_.mean_).to(self.device_)
+        if spread is not None:  # matched in the code space, like the mean
+            spread = (spread.to(self.device_) - mean.double()) @ components.double().T
         if predicted:  # the kept noises, drawn at the end
             kept_z = torch.empty(n_cells, n, nz)
         else:  # the kept images, picked among the drawn candidates
@@ -395,7 +445,10 @@ class CompletionGAN(_StyleSpace):
                     with self._inference():
                         emb = embed_images(self.classifier_, images, self.device_)
                 code = (emb.reshape(g, b * per, -1) - mean) @ components.T  # the code space
-                picks = herd(code, target[s : s + step], b).cpu()
+                if spread is not None:
+                    picks = kernel_herd(code, spread[s : s + step], b).cpu()
+                else:
+                    picks = herd(code, target[s : s + step], b).cpu()
                 if predicted:
                     kept_z[s : s + step, start : start + b] = part[torch.arange(g)[:, None], picks]
                 else:
@@ -439,6 +492,8 @@ class CompletionGAN(_StyleSpace):
         parts += [("draw_predictor", net) for net in self._predictor()]
         for name, module in parts:
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        if getattr(self, "bank_", None) is not None:  # float16: half the file, ample for herding
+            tensors.update(bank=self.bank_.half(), bank_cols=self.bank_cols_)
         return tensors, {"code_scale": self.code_scale_}
 
     def _set_state(self, tensors, config):
@@ -454,6 +509,9 @@ class CompletionGAN(_StyleSpace):
             )
             module.eval()
         self.code_scale_ = float(config["code_scale"])
+        self.bank_ = self.bank_cols_ = None  # runs saved before it herd to the mean only
+        if "bank" in tensors:
+            self.bank_, self.bank_cols_ = tensors["bank"].float(), tensors["bank_cols"]
         self.draw_predictor_ = None  # runs saved before it herd by rendering every candidate
         if "draw_predictor.inp.weight" in tensors:
             hidden, dim = tensors["draw_predictor.net.3.weight"].shape[::-1]
@@ -469,6 +527,7 @@ HERD_CANDIDATES = 65_536  # candidates scored at once: memory flat at any --per-
 PREDICTOR_GROUP = 8  # noises per cell in the draw predictor's data
 PREDICTOR_BATCH = 256  # draws per step of the draw predictor
 PREDICTOR_EPOCHS = 12
+BANK_PER_LABEL = 4_000  # training embeddings of each label a run keeps for herd_to="neighbours"
 
 
 def herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
@@ -491,6 +550,37 @@ def herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
         pick = miss.masked_fill(taken, float("inf")).argmin(1)
         taken[every, pick] = True
         total += emb[every, pick]
+        picks.append(pick)
+    if not picks:
+        return torch.zeros(len(emb), 0, dtype=torch.long)
+    return torch.stack(picks, 1)
+
+
+def kernel_herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, M) -> (B, n) indices: for each of B sets of M candidate embeddings (B, M, d), n of
+    them picked greedily so that the picked set's distribution is nearest that of the set's K
+    target samples (B, K, d) in maximum mean discrepancy (kernel herding, Chen et al. 2010),
+    with a Gaussian kernel whose width is the median candidate-to-target distance of the set.
+    Computed in float64, like herd()."""
+    emb, target = emb.double(), target.to(emb.device).double()
+    sq = emb.square().sum(-1)  # (B, M)
+    d2 = sq[..., None] + target.square().sum(-1)[:, None] - 2 * emb @ target.transpose(1, 2)
+    d2 = d2.clamp_min(0)  # (B, M, K) squared distances
+    width2 = d2.flatten(1).median(1).values.clamp_min(1e-12)[:, None]  # (B, 1)
+    pull = torch.exp(-d2 / (2 * width2[..., None])).mean(2)  # (B, M): mean kernel to the target
+    # MMD^2 of the picked set S plus x, |S| = k, up to terms free of x, times (k + 1)^2 / 2:
+    # sum_{s in S} K(x, s) - (k + 1) pull(x) (K(x, x) = 1 for every x).
+    push = torch.zeros_like(pull)
+    taken = torch.zeros(emb.shape[:2], dtype=torch.bool, device=emb.device)
+    every = torch.arange(len(emb), device=emb.device)
+    picks = []
+    for k in range(n):
+        miss = (push - (k + 1) * pull).masked_fill(taken, float("inf"))
+        pick = miss.argmin(1)
+        taken[every, pick] = True
+        chosen = emb[every, pick]  # (B, d)
+        step = sq + sq[every, pick][:, None] - 2 * torch.bmm(emb, chosen[:, :, None])[..., 0]
+        push += torch.exp(-step.clamp_min(0) / (2 * width2))
         picks.append(pick)
     if not picks:
         return torch.zeros(len(emb), 0, dtype=torch.long)
