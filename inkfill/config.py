@@ -404,7 +404,7 @@ class CompletionGANConfig:
         "neighbours",
         "sampling: what the kept set must match: 'mean' (its mean code is the cell's predicted "
         "code) or 'neighbours' (its spread is that of the real images of the label nearest the "
-        "cell's predicted prototype, moved onto it: kernel herding, MMD in the classifier's space)",
+        "cell's predicted prototype, moved onto it: kernel herding, MMD in the code space)",
     )
     neighbours: int = param(
         32, "sampling: real images whose spread herd_to=neighbours matches (at least 2)"

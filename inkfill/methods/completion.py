@@ -13,10 +13,11 @@ predicts a cell's prototype from the writer's other cells (completion.PrototypeR
   embedding (feature loss), rank among the label's writers (InfoNCE), spread (pixel distance
   between draws, against the real cell's), plus the cVAE and adversarial terms
   (train.CellLoss in the loop of every personal generator, train.train_personal_gan).
-  A fill keeps, of `candidates` noises per image, the set whose mean code is nearest the cell's
-  predicted code (herding), scoring each candidate by the embedding a small network
-  (models.DrawPredictor, fitted after the GAN) predicts for its draw, so that only the kept
-  images are drawn.
+  A fill keeps, of `candidates` noises per image, the set that spreads like the real images of
+  the label nearest the cell's predicted prototype, moved onto it (kernel herding; or, with
+  herd_to="mean", the set whose mean code is nearest the predicted code), scoring each candidate
+  by the embedding a small network (models.DrawPredictor, fitted after the GAN) predicts for its
+  draw, so that only the kept images are drawn.
 """
 
 from __future__ import annotations
