@@ -271,6 +271,7 @@ class CompletionGAN(_StyleSpace):
         bank = torch.from_numpy(np.ascontiguousarray(embeddings[keep], np.float32))
         self.bank_ = bank.half().float()
         self.bank_cols_ = torch.from_numpy(np.asarray(cols)[keep].astype(np.int64))
+        self._pools = {}
 
     def _neighbour_targets(self, codes: np.ndarray, cols: np.ndarray) -> torch.Tensor | None:
         """(C, K, d): for each of C cells (predicted codes (C, k), label columns (C,)), the
@@ -280,13 +281,10 @@ class CompletionGAN(_StyleSpace):
         than two bank images (herding then matches the mean)."""
         protos = torch.from_numpy(self.regression_.embed(codes)).double()  # (C, d)
         labels = np.unique(cols)
-        if getattr(self, "_pools", (None,))[0] is not self.bank_:  # per label, float64, once
-            self._pools = (self.bank_, {})
-        cache = self._pools[1]
-        for c in labels:
-            if int(c) not in cache:
-                cache[int(c)] = self.bank_[self.bank_cols_ == int(c)].double()
-        pools = {int(c): cache[int(c)] for c in labels}
+        for c in labels:  # each label's bank rows in float64, made once per bank
+            if int(c) not in self._pools:
+                self._pools[int(c)] = self.bank_[self.bank_cols_ == int(c)].double()
+        pools = {int(c): self._pools[int(c)] for c in labels}
         k = min([self.neighbours] + [len(pool) for pool in pools.values()])
         if k < 2:
             return None
@@ -511,6 +509,7 @@ class CompletionGAN(_StyleSpace):
             module.eval()
         self.code_scale_ = float(config["code_scale"])
         self.bank_ = self.bank_cols_ = None  # runs saved before it herd to the mean only
+        self._pools = {}
         if "bank" in tensors:
             self.bank_, self.bank_cols_ = tensors["bank"].float(), tensors["bank_cols"]
         self.draw_predictor_ = None  # runs saved before it herd by rendering every candidate
