@@ -13,6 +13,7 @@ from inkfill.methods import load_run
 from inkfill.methods.completion import (
     CompletionGAN,
     PredictedRetrieval,
+    _lower_median,
     auto_steps,
     herd,
     kernel_herd,
@@ -552,18 +553,32 @@ def test_kernel_herd_matches_the_targets_spread_not_only_its_mean():
     assert sorted(kernel_herd(emb, target, 200)[0].tolist()) == list(range(200))
 
 
+def test_lower_median_is_torch_median_and_herding_does_not_depend_on_the_batch():
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 2, 7, 8, 8192):  # torch.median's lower middle value where n is even
+        x = torch.randn(4, n, dtype=torch.float64, generator=gen)
+        assert torch.equal(_lower_median(x), x.median(1).values)
+    emb = torch.randn(6, 64, 8, generator=gen)
+    target = torch.randn(6, 12, 8, generator=gen)
+    together = kernel_herd(emb, target, 10)
+    alone = torch.cat([kernel_herd(emb[b : b + 1], target[b : b + 1], 10) for b in range(6)])
+    assert torch.equal(together, alone)
+
+
 def test_neighbour_targets_are_real_spreads_moved_onto_the_prediction(fitted, matrix, tmp_path):
     writer, label = matrix.empty_cells()[0]
     row, col = fitted.matrix_.row(writer), fitted.matrix_.col(label)
     code, cols = fitted.predicted_[[row], [col]], np.asarray([col])
-    targets = fitted._neighbour_targets(code, cols)[0].float()  # (K, d)
-    proto = torch.from_numpy(fitted.regression_.embed(code[0]))
+    targets = fitted._neighbour_targets(code, cols)[0].float()  # (K, k), in the code space
     assert targets.shape[0] == min(fitted.neighbours, int((fitted.bank_cols_ == col).sum()))
-    torch.testing.assert_close(targets.mean(0), proto, atol=1e-4, rtol=0)
-    # the label's bank images nearest the prototype, shifted by one common offset
+    torch.testing.assert_close(targets.mean(0), torch.from_numpy(code[0]), atol=1e-4, rtol=0)
+    # the label's bank images nearest the prototype in the full embedding (found in the code
+    # space), in codes, shifted by one common offset
+    proto = torch.from_numpy(fitted.regression_.embed(code[0]))
     pool = fitted.bank_[fitted.bank_cols_ == col]
     nearest = torch.cdist(proto[None], pool)[0].argsort()[: len(targets)]
-    offset = targets - pool[nearest]
+    pool_codes = torch.from_numpy(fitted.regression_.codes(pool.numpy()))
+    offset = targets - pool_codes[nearest]
     torch.testing.assert_close(offset, offset[:1].expand_as(offset), atol=1e-4, rtol=0)
     fitted.save(tmp_path / "run")
     loaded = load_run(tmp_path / "run")
