@@ -63,8 +63,11 @@ def main():
     cas = TrainOnFills(reduced, rows, cols, [b for _, b in scorer.halves], backbone.net,
                        train, reference, seed, dev)  # fmt: skip
     cells = [(h.writer, h.label) for h in hidden]
-    print("| variant | MRR | label acc | FID | div ratio | writer CAS top-1 / top-5 | label CAS |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| variant | MRR | label acc | FID | div ratio | feature div ratio "
+        "| writer CAS top-1 / top-5 | label CAS |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for variant in args.variant or ["default"]:
         method = load_run(args.bench / "runs" / args.method)
         if hasattr(method, "set_neighbour_bank") and getattr(method, "bank_", None) is None:
@@ -79,7 +82,7 @@ def main():
         fills = [filled.images[k * per_cell : (k + 1) * per_cell] for k in range(len(cells))]
         row, score = scorer.score(fills), cas.score(fills)
         figures = [f"{row['mrr']:.3f}", f"{row['label_accuracy']:.3f}", f"{row['fid']:.2f}",
-                   f"{row['diversity_ratio']:.2f}",
+                   f"{row['diversity_ratio']:.2f}", f"{row['feature_diversity_ratio']:.2f}",
                    f"{score['writer_cas_top1']:.3f} / {score['writer_cas_top5']:.3f}",
                    f"{score['label_cas']:.3f}"]  # fmt: skip
         print(f"| {variant} | {' | '.join(figures)} |", flush=True)

@@ -180,6 +180,11 @@ class Scorer:
             self.halves.append((cell.images[perm[:k]], cell.images[perm[k:]]))
         self.b_emb = [judge.embed(b) for _, b in self.halves]
         self.real_div = np.array([metrics.mean_pairwise_distance(c.images) for c in hidden])
+        # and in what the judge sees (its embedding): a cell's images can differ in pixels and
+        # still all be the same digit to a reader
+        self.real_feature_div = np.array(
+            [metrics.mean_pairwise_spread(judge.embed(c.images)) for c in hidden]
+        )
         self._reference = (ref_emb, ref_rows, ref_cols, seed)
         self.b_all = np.concatenate(self.b_emb)
         # Copy rate: nearest training image of the same label, for every hidden real image.
@@ -230,7 +235,7 @@ class Scorer:
 
     def score(self, fills: list[np.ndarray]) -> dict:
         """Scores of one method's fills, fills[k] being the images for hidden[k]."""
-        ranks, n_cand, fid_parts, label_hits, nn, div = [], [], [], [], [], []
+        ranks, n_cand, fid_parts, label_hits, nn, div, feature_div = [], [], [], [], [], [], []
         all_probs = []
         for k, (cell, images) in enumerate(zip(self.hidden, fills)):
             c = self.reduced.col(cell.label)
@@ -244,6 +249,7 @@ class Scorer:
             all_probs.append(probs)
             nn.append(metrics.nearest_distances(images, self.bank[c]))
             div.append(metrics.mean_pairwise_distance(images))
+            feature_div.append(metrics.mean_pairwise_spread(emb))
         out = metrics.summarise_ranks(ranks, n_cand)
         out.update(
             label_accuracy=float(np.concatenate(label_hits).mean()),
@@ -252,6 +258,9 @@ class Scorer:
             copy_rate=metrics.copy_rate(np.concatenate(nn), self.real_nn),
             diversity=float(np.nanmean(div)),
             diversity_ratio=float(np.nanmedian(np.asarray(div) / self.real_div)),
+            feature_diversity_ratio=float(
+                np.nanmedian(np.asarray(feature_div) / self.real_feature_div)
+            ),
             ranks=[int(r) for r in ranks],
         )
         return out
@@ -268,6 +277,7 @@ class Scorer:
         )
         out["copy_rate"] = metrics.copy_rate(self.real_nn, self.real_nn)
         out["diversity_ratio"] = 1.0
+        out["feature_diversity_ratio"] = 1.0
         return out
 
 
@@ -471,6 +481,7 @@ COLUMNS = [
     ("copy_rate", "copy rate", "{:.3f}"),
     ("diversity", "diversity", "{:.2f}"),
     ("diversity_ratio", "div ratio", "{:.2f}"),
+    ("feature_diversity_ratio", "feature div ratio", "{:.2f}"),
     ("fit_seconds", "fit s", "{:.0f}"),
     ("fill_seconds", "fill s", "{:.2f}"),
 ]
@@ -502,7 +513,9 @@ def results_markdown(results: dict) -> str:
         "cell as that half) with the other half; IS uses the judge's label head; copy rate is the "
         "share of images nearer to a training image than 95% of real held-out images are (real: "
         "0.05). Diversity is the mean pairwise pixel distance of a cell's images; div ratio the "
-        "median over cells of a fill's diversity over the real hidden cell's. `predicted` ranks "
+        "median over cells of a fill's diversity over the real hidden cell's; feature div ratio "
+        "the same in the judge's embedding (what a reader sees: pixels can differ while the "
+        "images stay one drawing). `predicted` ranks "
         "the hidden cell's prototype as predicted in the judge's space from the writer's other "
         "cells by a ridge regression fitted across writers, each weighted by the images of their "
         "target cell (no images): how predictable a cell is.",

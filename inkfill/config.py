@@ -409,6 +409,12 @@ class CompletionGANConfig:
     neighbours: int = param(
         32, "sampling: real images whose spread herd_to=neighbours matches (at least 2)"
     )
+    style_spread: float = param(
+        1.0,
+        "sampling: with herd_to=neighbours, each candidate is drawn in the style of one of the "
+        "neighbours, this far (0-1) from the cell's predicted code toward it (0: every image in "
+        "the cell's predicted style)",
+    )
     predictor_draws: int = param(
         100_000,
         "draws (noise, style, label) -> embedding the draw predictor learns from after the GAN "
@@ -442,6 +448,8 @@ class CompletionGANConfig:
             raise InkfillError(f"--herd-to must be 'mean' or 'neighbours', not {self.herd_to!r}")
         if self.neighbours < 2:
             raise InkfillError("--neighbours must be at least 2")
+        if not self.style_spread >= 0:
+            raise InkfillError("--style-spread must be >= 0 (0: one style per cell)")
         if self.predictor_draws < 0:
             raise InkfillError("--predictor-draws must be >= 0 (0: no predictor)")
         if not self.ema_halflife >= 0:

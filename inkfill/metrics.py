@@ -18,11 +18,17 @@ def mean_pairwise_distance(images: np.ndarray, max_images: int = 256, seed: int 
     A diversity figure: a mode-collapsed generator scores near 0. With more than `max_images`
     images a seeded subset is used, so the cost stays quadratic in `max_images` only.
     """
-    if len(images) < 2:
-        return float("nan")
     if len(images) > max_images:
         images = images[np.random.default_rng(seed).choice(len(images), max_images, replace=False)]
-    x = _flat01(images).astype(np.float64)
+    return mean_pairwise_spread(_flat01(images))
+
+
+def mean_pairwise_spread(x: np.ndarray) -> float:
+    """Mean L2 distance between distinct pairs of the rows of x (N, d): the spread of a set of
+    vectors (the bench's feature diversity, on the judge's embeddings of a cell's images)."""
+    if len(x) < 2:
+        return float("nan")
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
     sq = (x * x).sum(1)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
     iu = np.triu_indices(len(x), 1)

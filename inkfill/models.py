@@ -406,6 +406,10 @@ class DrawPredictor(nn.Module):
         once per cell rather than once per candidate."""
         nz = z.shape[-1]
         weight = self.inp.weight
-        cell = style @ weight[:, nz:].T + self.inp.bias + self.label(labels)  # (C, hidden)
-        out = self.net(z @ weight[:, :nz].T + cell[:, None])
+        cell = style @ weight[:, nz:].T + self.inp.bias  # (C, hidden) or (C, M, hidden)
+        if style.dim() == 2:
+            cell = (cell + self.label(labels))[:, None]
+        else:  # a style per candidate
+            cell = cell + self.label(labels)[:, None]
+        out = self.net(z @ weight[:, :nz].T + cell)
         return out * self.scale + self.mean

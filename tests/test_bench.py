@@ -81,7 +81,7 @@ def test_bench_runs_end_to_end_and_is_reproducible(tmp_path, monkeypatch):
     assert 0 < predicted["mrr"] <= 1 and len(predicted["ranks"]) == 5 and "fid" not in predicted
     for row in first["rows"].values():
         assert 0 < row["mrr"] <= 1 and len(row["ranks"]) == 5 and np.isfinite(row["fid"])
-        assert row["diversity_ratio"] > 0
+        assert row["diversity_ratio"] > 0 and row["feature_diversity_ratio"] > 0
         assert 0 <= row["copy_rate"] <= 1 and 0 <= row["label_accuracy"] <= 1
     assert "cluster_share" in first["rows"]["cluster-gan"]
     # Retrieval hands out real training images: every one is a copy.
@@ -148,6 +148,9 @@ def test_bench_on_real_digits_separates_ceiling_from_floor(real_digits_half, tmp
     # The writer's other cells predict the hidden one far better than chance.
     assert rows["predicted"]["mrr"] > 3 * generic["mrr"]
     assert ceiling["diversity_ratio"] == 1.0 and 0.5 < generic["diversity_ratio"] < 3
+    # generic fills are other writers' images of the label: more varied than one writer's, in
+    # pixels and in the judge's embedding
+    assert ceiling["feature_diversity_ratio"] == 1.0 and generic["feature_diversity_ratio"] > 1
     assert len(load_dataset(tmp_path / "real" / "fills" / "generic.npz")) == 60 * 8
     # Train on fills: the real half A of a hidden cell teaches the probe that writer's label
     # (far above no fill); generic fills teach labels but not the writer. On these 258 writers:

@@ -1,6 +1,8 @@
 """The style-space completion (prototypes, per-label ridge regressions) and the two methods built
 on it, predicted-retrieval and completion-gan, on tiny synthetic data (contract, not quality)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -235,6 +237,19 @@ def test_herd_picks_distinct_candidates_whose_mean_is_nearest_the_target():
     assert sorted(herd(emb, target, 40)[0].tolist()) == list(range(40))  # all of them, once
 
 
+@contextlib.contextmanager
+def _sampling(method, **params):
+    """Sampling-time parameters of a fitted method changed for a block, then restored."""
+    before = {name: getattr(method, name) for name in params}
+    for name, value in params.items():
+        setattr(method, name, value)
+    try:
+        yield method
+    finally:
+        for name, value in before.items():
+            setattr(method, name, value)
+
+
 def _cell_pool(fitted, matrix, m, seed=3):
     """A cell's code and label column, m candidate noises, and the plain draws of those noises."""
     writer, label = matrix.empty_cells()[0]
@@ -248,12 +263,10 @@ def _cell_pool(fitted, matrix, m, seed=3):
 def test_herding_keeps_draws_of_its_own_candidates(fitted, matrix, how):
     from inkfill.methods.personal import embed_images
 
-    code, cols, z, pool = _cell_pool(fitted, matrix, 32)
-    fitted.herd = how
-    try:
+    # one style per cell (style_spread=0): every candidate is one of the cell's plain draws
+    with _sampling(fitted, herd=how, style_spread=0.0):
+        code, cols, z, pool = _cell_pool(fitted, matrix, 32)
         kept = fitted._herded(z, code, cols, 8)[0]  # 8 of 32: 4 candidates per image
-    finally:
-        fitted.herd = CompletionGAN.Config.herd
     index = [int(np.flatnonzero((pool == k).all(axis=(1, 2)))[0]) for k in kept]
     assert len(set(index)) == 8  # eight distinct candidates, drawn as the plain draws are
 
@@ -267,8 +280,9 @@ def test_herding_keeps_draws_of_its_own_candidates(fitted, matrix, how):
 
 
 def test_herding_works_in_blocks_of_16(fitted, matrix):
-    code, cols, z, pool = _cell_pool(fitted, matrix, 2 * 20)
-    kept = fitted._herded(z, code, cols, 20)[0]  # 2 candidates each: blocks of 16 and 4
+    with _sampling(fitted, style_spread=0.0):
+        code, cols, z, pool = _cell_pool(fitted, matrix, 2 * 20)
+        kept = fitted._herded(z, code, cols, 20)[0]  # 2 candidates each: blocks of 16 and 4
     index = [int(np.flatnonzero((pool == k).all(axis=(1, 2)))[0]) for k in kept]
     assert len(set(index)) == 20
     assert max(index[:16]) < 32 <= min(index[16:])  # each block from its own 32 / 8 candidates
@@ -312,6 +326,9 @@ def test_draw_predictor_scores_a_cells_candidates_as_it_scores_each_one():
     z, style, labels = torch.randn(4, 7, 8), torch.randn(4, 6), torch.tensor([0, 2, 1, 2])
     flat = net(z.reshape(-1, 8), style.repeat_interleave(7, 0), labels.repeat_interleave(7))
     torch.testing.assert_close(net.per_cell(z, style, labels), flat.reshape(4, 7, 5))
+    each = torch.randn(4, 7, 6)  # a style per candidate (style_spread)
+    flat = net(z.reshape(-1, 8), each.reshape(-1, 6), labels.repeat_interleave(7))
+    torch.testing.assert_close(net.per_cell(z, each, labels), flat.reshape(4, 7, 5))
 
 
 def test_runs_without_a_draw_predictor_herd_by_rendering(matrix, tmp_path):
@@ -472,6 +489,7 @@ def test_ema_halves_its_gap_to_constant_weights_every_halflife():
 
 
 def test_recalibrated_batch_norm_holds_the_mean_and_variance_of_the_draws():
+    torch.manual_seed(0)  # the layer's initial weights: not whatever tests ran before left
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(64, 4, generator=gen) * 2 + 1 for _ in range(8)]
@@ -570,16 +588,30 @@ def test_neighbour_targets_are_real_spreads_moved_onto_the_prediction(fitted, ma
     row, col = fitted.matrix_.row(writer), fitted.matrix_.col(label)
     code, cols = fitted.predicted_[[row], [col]], np.asarray([col])
     targets = fitted._neighbour_targets(code, cols)[0].float()  # (K, k), in the code space
-    assert targets.shape[0] == min(fitted.neighbours, int((fitted.bank_cols_ == col).sum()))
+    assert targets.shape[0] == fitted.neighbours
     torch.testing.assert_close(targets.mean(0), torch.from_numpy(code[0]), atol=1e-4, rtol=0)
     # the label's bank images nearest the prototype in the full embedding (found in the code
-    # space), in codes, shifted by one common offset
+    # space), in codes, shifted by one common offset; a label with fewer than K bank images
+    # (this one, in the tiny data) repeats its nearest in turn
     proto = torch.from_numpy(fitted.regression_.embed(code[0]))
     pool = fitted.bank_[fitted.bank_cols_ == col]
-    nearest = torch.cdist(proto[None], pool)[0].argsort()[: len(targets)]
+    have = min(fitted.neighbours, len(pool))
+    assert have < fitted.neighbours
+    nearest = torch.cdist(proto[None], pool)[0].argsort()[:have][torch.arange(len(targets)) % have]
     pool_codes = torch.from_numpy(fitted.regression_.codes(pool.numpy()))
     offset = targets - pool_codes[nearest]
     torch.testing.assert_close(offset, offset[:1].expand_as(offset), atol=1e-4, rtol=0)
+    # a cell's targets do not depend on the cells (and labels) filled with it
+    many = matrix.empty_cells()[:6]
+    codes = fitted.predicted_[
+        [fitted.matrix_.row(w) for w, _ in many], [fitted.matrix_.col(lab) for _, lab in many]
+    ]
+    labels = np.asarray([fitted.matrix_.col(lab) for _, lab in many])
+    assert len(set(labels.tolist())) > 1
+    together = fitted._neighbour_targets(codes, labels)
+    for i in range(len(many)):
+        alone = fitted._neighbour_targets(codes[i : i + 1], labels[i : i + 1])[0]
+        assert torch.equal(together[i], alone)
     fitted.save(tmp_path / "run")
     loaded = load_run(tmp_path / "run")
     torch.testing.assert_close(loaded.bank_, fitted.bank_)
@@ -598,8 +630,7 @@ def test_herding_to_the_mean_or_without_a_bank(fitted, matrix, monkeypatch):
     monkeypatch.setattr(completion, "kernel_herd", counted)
     writer, label = matrix.empty_cells()[0]
     a = fitted.generate(writer, label, 8, seed=1)  # herd_to="neighbours", the default
-    col = fitted.matrix_.col(label)
-    assert calls and calls[0][1] == min(fitted.neighbours, int((fitted.bank_cols_ == col).sum()))
+    assert calls and calls[0][1] == fitted.neighbours
     calls.clear()
     fitted.herd_to = "mean"
     try:
@@ -614,3 +645,39 @@ def test_herding_to_the_mean_or_without_a_bank(fitted, matrix, monkeypatch):
     finally:
         fitted.bank_ = bank
     assert not calls
+
+
+def test_style_spread_draws_candidates_in_the_neighbours_styles(fitted, matrix, monkeypatch):
+    """style_spread=1 (the default): the candidates of a cell are drawn in the styles of its K
+    neighbour targets (candidate j in style j % K), and the kept images in the styles of the
+    kept candidates; 0 draws every image in the cell's predicted style."""
+    writer, label = matrix.empty_cells()[0]
+    row, col = fitted.matrix_.row(writer), fitted.matrix_.col(label)
+    fitted.style_spread = 0.0
+    try:
+        one_style = fitted.generate(writer, label, 8, seed=3)
+    finally:
+        fitted.style_spread = CompletionGAN.Config.style_spread
+    drawn = []
+    real_draw = fitted._draw
+
+    def recorded(z, style, cols, *args, **kwargs):
+        drawn.append(style.clone())
+        return real_draw(z, style, cols, *args, **kwargs)
+
+    monkeypatch.setattr(fitted, "_draw", recorded)
+    assert CompletionGAN.Config.style_spread == 1.0
+    spread_fill = fitted.generate(writer, label, 8, seed=3)
+    assert spread_fill.shape == one_style.shape and not np.array_equal(spread_fill, one_style)
+    targets = fitted._neighbour_targets(fitted.predicted_[[row], [col]], np.asarray([col]))[0]
+    allowed = fitted._styles(targets.numpy().astype(np.float32), np.full(len(targets), col))
+    kept = drawn[-1]  # (8, style_dim): every kept image in one of the K neighbour styles
+    hits = torch.cdist(kept, allowed).min(1).values
+    scale = torch.cdist(allowed, allowed).median()  # how far apart the K styles are
+    assert float(hits.max()) < 0.01 * float(scale) and len(torch.unique(kept, dim=0)) > 1
+    fitted.style_spread = 0.0
+    try:
+        fitted.generate(writer, label, 8, seed=3)
+        assert len(torch.unique(drawn[-1], dim=0)) == 1  # one style for the whole cell
+    finally:
+        fitted.style_spread = CompletionGAN.Config.style_spread

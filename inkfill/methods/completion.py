@@ -273,13 +273,14 @@ class CompletionGAN(_StyleSpace):
         self.bank_cols_ = torch.from_numpy(np.asarray(cols)[keep].astype(np.int64))
         self._pools = {}
 
-    def _neighbour_targets(self, codes: np.ndarray, cols: np.ndarray) -> torch.Tensor | None:
-        """(C, K, k) in the regression's code space: for each of C cells (predicted codes (C, k),
-        label columns (C,)), the K (`neighbours`) bank images of its label nearest its predicted
-        prototype in the classifier's embedding, moved so that their mean is the predicted
-        code: the spread of real images of that style, centred where the writer's cell is
-        predicted. None where a label has fewer than two bank images (herding then matches the
-        mean).
+    def _neighbour_targets(self, codes: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        """(C, K, k) in the regression's code space, K = `neighbours`: for each of C cells
+        (predicted codes (C, k), label columns (C,)), the K bank images of its label nearest its
+        predicted prototype in the classifier's embedding, moved so that their mean is the
+        predicted code: the spread of real images of that style, centred where the writer's cell
+        is predicted. A label with fewer than K bank images repeats its nearest ones in turn (a
+        label without any gives the predicted code K times), so a cell's targets never depend on
+        the other cells filled with it.
 
         The search needs no pass over the full embedding: the prototype lies in the code
         space's plane (mean + code @ components, orthonormal components), so its squared
@@ -292,16 +293,17 @@ class CompletionGAN(_StyleSpace):
                 centred -= torch.from_numpy(self.regression_.mean_).double()
                 components = torch.from_numpy(self.regression_.components_).double()
                 self._pools[int(c)] = (centred @ components.T, centred.square().sum(1))
-        k = min([self.neighbours] + [len(self._pools[int(c)][1]) for c in labels])
-        if k < 2:
-            return None
+        k = self.neighbours
         codes = torch.from_numpy(codes).double()
-        out = torch.empty(len(codes), k, codes.shape[1], dtype=torch.float64)
+        out = codes[:, None].repeat(1, k, 1)  # (C, K, k)
         for c in labels:
             cells = torch.from_numpy(np.flatnonzero(cols == c))
             pool, sq = self._pools[int(c)]
-            near = (sq - 2 * codes[cells] @ pool.T).topk(k, largest=False).indices  # (c, K)
-            chosen = pool[near]  # (c, K, k)
+            have = min(k, len(sq))
+            if have == 0:
+                continue
+            near = (sq - 2 * codes[cells] @ pool.T).topk(have, largest=False).indices
+            chosen = pool[near[:, torch.arange(k) % have]]  # (c, K, k)
             out[cells] = chosen - chosen.mean(1, keepdim=True) + codes[cells, None]
         return out
 
@@ -412,7 +414,11 @@ class CompletionGAN(_StyleSpace):
         whose mean, in the regression's code space (the embedding's principal components of
         writer style), is nearest the cell's predicted code (`herd`): each block averages right
         and the cost grows linearly with n. Candidates are scored by the draw predictor, or
-        drawn and embedded (herd="rendered", or a run without a predictor)."""
+        drawn and embedded (herd="rendered", or a run without a predictor). With
+        herd_to="neighbours" a block matches the K neighbour targets' spread instead (kernel
+        herding), and with style_spread > 0 candidate j is drawn in the style of target j % K
+        (moved that far from the predicted code toward it): the generator renders a writer's
+        variety from real images' codes rather than from its noise alone."""
         n_cells, m, nz = z.shape
         per = m // n if n else 1
         style = self._styles(codes, cols).cpu()
@@ -426,25 +432,45 @@ class CompletionGAN(_StyleSpace):
         spread = None  # herd_to="neighbours": the real spread each kept set must match
         if self.herd_to == "neighbours" and getattr(self, "bank_", None) is not None:
             spread = self._neighbour_targets(codes, cols)
+        styles = None  # style_spread > 0: candidate j of a cell drawn in style j % K of K
+        if spread is not None and self.style_spread > 0:
+            k_near = self.neighbours
+            moved = codes[:, None] + self.style_spread * (spread.numpy() - codes[:, None])
+            styles = (
+                self._styles(
+                    moved.reshape(-1, codes.shape[1]).astype(np.float32), np.repeat(cols, k_near)
+                )
+                .cpu()
+                .reshape(n_cells, k_near, -1)
+            )
         components = torch.from_numpy(self.regression_.components_).to(self.device_)
         mean = torch.from_numpy(self.regression_.mean_).to(self.device_)
-        if predicted:  # the kept noises, drawn at the end
+        if predicted:  # the kept noises (and styles), drawn at the end
             kept_z = torch.empty(n_cells, n, nz)
+            kept_style = None if styles is None else torch.empty(n_cells, n, styles.shape[2])
         else:  # the kept images, picked among the drawn candidates
             out = np.empty((n_cells, n, 28, 28), np.uint8)
         for start in range(0, n, HERD_BLOCK):
             b = min(HERD_BLOCK, n - start)
             block = z[:, start * per : (start + b) * per]  # (C, b * per, nz)
+            if styles is not None:  # (C, b * per, style_dim)
+                block_style = styles[:, torch.arange(start * per, (start + b) * per) % k_near]
             step = max(1, HERD_CANDIDATES // (b * per))
             for s in range(0, n_cells, step):
                 part = block[s : s + step]
                 g = len(part)
+                cand_style = style[s : s + step] if styles is None else block_style[s : s + step]
                 if predicted:
-                    emb = self._predict_draws(part, style[s : s + step], labels[s : s + step])
+                    emb = self._predict_draws(part, cand_style, labels[s : s + step])
                 else:
+                    flat_style = (
+                        cand_style.repeat_interleave(b * per, 0)
+                        if styles is None
+                        else cand_style.reshape(-1, cand_style.shape[-1])
+                    )
                     images = self._draw(
                         part.reshape(-1, nz),
-                        style[s : s + step].repeat_interleave(b * per, 0),
+                        flat_style,
                         labels[s : s + step].repeat_interleave(b * per),
                     )
                     with self._inference():
@@ -454,15 +480,21 @@ class CompletionGAN(_StyleSpace):
                     picks = kernel_herd(code, spread[s : s + step], b).cpu()
                 else:
                     picks = herd(code, target[s : s + step], b).cpu()
+                rows = torch.arange(g)[:, None]
                 if predicted:
-                    kept_z[s : s + step, start : start + b] = part[torch.arange(g)[:, None], picks]
+                    kept_z[s : s + step, start : start + b] = part[rows, picks]
+                    if styles is not None:
+                        kept_style[s : s + step, start : start + b] = cand_style[rows, picks]
                 else:
-                    chosen = images.reshape(g, b * per, 28, 28)[np.arange(g)[:, None], picks]
+                    chosen = images.reshape(g, b * per, 28, 28)[rows.numpy(), picks]
                     out[s : s + step, start : start + b] = chosen
         if predicted:
-            images = self._draw(
-                kept_z.reshape(-1, nz), style.repeat_interleave(n, 0), labels.repeat_interleave(n)
+            flat_style = (
+                style.repeat_interleave(n, 0)
+                if styles is None
+                else kept_style.reshape(-1, kept_style.shape[-1])
             )
+            images = self._draw(kept_z.reshape(-1, nz), flat_style, labels.repeat_interleave(n))
             out = images.reshape(n_cells, n, 28, 28)
         return out
 
