@@ -400,16 +400,23 @@ class DrawPredictor(nn.Module):
         out = self.net(self.inp(torch.cat([z, style], 1)) + self.label(labels))
         return out * self.scale + self.mean
 
-    def per_cell(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def per_cell(
+        self,
+        z: torch.Tensor,
+        style: torch.Tensor,
+        labels: torch.Tensor,
+        which: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """forward() for C cells of M candidates each: z (C, M, nz), style (C, style_dim) and
         labels (C,) -> (C, M, dim). The style's and label's share of the first layer is computed
-        once per cell rather than once per candidate."""
+        once per cell rather than once per candidate; with S styles a cell (C, S, style_dim),
+        candidate m in style which[m] (which: (M,)), once per style."""
         nz = z.shape[-1]
         weight = self.inp.weight
-        cell = style @ weight[:, nz:].T + self.inp.bias  # (C, hidden) or (C, M, hidden)
+        cell = style @ weight[:, nz:].T + self.inp.bias  # (C, hidden) or (C, S, hidden)
         if style.dim() == 2:
             cell = (cell + self.label(labels))[:, None]
-        else:  # a style per candidate
-            cell = cell + self.label(labels)[:, None]
+        else:
+            cell = (cell + self.label(labels)[:, None])[:, which]  # (C, M, hidden)
         out = self.net(z @ weight[:, :nz].T + cell)
         return out * self.scale + self.mean

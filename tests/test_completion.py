@@ -326,9 +326,10 @@ def test_draw_predictor_scores_a_cells_candidates_as_it_scores_each_one():
     z, style, labels = torch.randn(4, 7, 8), torch.randn(4, 6), torch.tensor([0, 2, 1, 2])
     flat = net(z.reshape(-1, 8), style.repeat_interleave(7, 0), labels.repeat_interleave(7))
     torch.testing.assert_close(net.per_cell(z, style, labels), flat.reshape(4, 7, 5))
-    each = torch.randn(4, 7, 6)  # a style per candidate (style_spread)
+    styles, which = torch.randn(4, 3, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0])  # style_spread
+    each = styles[:, which]  # (4, 7, 6): candidate m in style which[m]
     flat = net(z.reshape(-1, 8), each.reshape(-1, 6), labels.repeat_interleave(7))
-    torch.testing.assert_close(net.per_cell(z, each, labels), flat.reshape(4, 7, 5))
+    torch.testing.assert_close(net.per_cell(z, styles, labels, which), flat.reshape(4, 7, 5))
 
 
 def test_runs_without_a_draw_predictor_herd_by_rendering(matrix, tmp_path):

@@ -432,7 +432,7 @@ class CompletionGAN(_StyleSpace):
         spread = None  # herd_to="neighbours": the real spread each kept set must match
         if self.herd_to == "neighbours" and getattr(self, "bank_", None) is not None:
             spread = self._neighbour_targets(codes, cols)
-        styles = None  # style_spread > 0: candidate j of a cell drawn in style j % K of K
+        styles, k_near = None, 1  # style_spread > 0: candidate j drawn in style j % K of K
         if spread is not None and self.style_spread > 0:
             k_near = self.neighbours
             moved = codes[:, None] + self.style_spread * (spread.numpy() - codes[:, None])
@@ -453,20 +453,23 @@ class CompletionGAN(_StyleSpace):
         for start in range(0, n, HERD_BLOCK):
             b = min(HERD_BLOCK, n - start)
             block = z[:, start * per : (start + b) * per]  # (C, b * per, nz)
-            if styles is not None:  # (C, b * per, style_dim)
-                block_style = styles[:, torch.arange(start * per, (start + b) * per) % k_near]
+            which = torch.arange(start * per, (start + b) * per) % k_near  # each one's style
             step = max(1, HERD_CANDIDATES // (b * per))
             for s in range(0, n_cells, step):
                 part = block[s : s + step]
                 g = len(part)
-                cand_style = style[s : s + step] if styles is None else block_style[s : s + step]
                 if predicted:
-                    emb = self._predict_draws(part, cand_style, labels[s : s + step])
+                    emb = self._predict_draws(
+                        part,
+                        style[s : s + step] if styles is None else styles[s : s + step],
+                        labels[s : s + step],
+                        None if styles is None else which,
+                    )
                 else:
                     flat_style = (
-                        cand_style.repeat_interleave(b * per, 0)
+                        style[s : s + step].repeat_interleave(b * per, 0)
                         if styles is None
-                        else cand_style.reshape(-1, cand_style.shape[-1])
+                        else styles[s : s + step][:, which].reshape(-1, styles.shape[2])
                     )
                     images = self._draw(
                         part.reshape(-1, nz),
@@ -484,7 +487,8 @@ class CompletionGAN(_StyleSpace):
                 if predicted:
                     kept_z[s : s + step, start : start + b] = part[rows, picks]
                     if styles is not None:
-                        kept_style[s : s + step, start : start + b] = cand_style[rows, picks]
+                        kept = styles[s : s + step][rows, which[picks]]
+                        kept_style[s : s + step, start : start + b] = kept
                 else:
                     chosen = images.reshape(g, b * per, 28, 28)[rows.numpy(), picks]
                     out[s : s + step, start : start + b] = chosen
@@ -498,17 +502,18 @@ class CompletionGAN(_StyleSpace):
             out = images.reshape(n_cells, n, 28, 28)
         return out
 
-    def _predict_draws(self, z, style, labels, chunk: int = 8192) -> torch.Tensor:
+    def _predict_draws(self, z, style, labels, which=None, chunk: int = 8192) -> torch.Tensor:
         """The draw predictor's embeddings (C, M, dim) of C cells' M candidates each (z (C, M,
-        nz), style (C, style_dim), labels (C,)), about `chunk` candidates at a time (bf16 like
-        the generator's forward passes when the run trained in bf16; 2.8x the candidates/s on
-        the 2 cores)."""
+        nz), style (C, style_dim) or (C, S, style_dim) with `which` (M,) the style of each
+        candidate, labels (C,)), about `chunk` candidates at a time (bf16 like the generator's
+        forward passes when the run trained in bf16; 2.8x the candidates/s on the 2 cores)."""
         dev, net = self.device_, self.draw_predictor_
         step = max(1, chunk // max(z.shape[1], 1))
+        which = None if which is None else which.to(dev)
         with self._inference():
             parts = [
                 net.per_cell(z[s : s + step].to(dev), style[s : s + step].to(dev),
-                             labels[s : s + step].to(dev)).float()
+                             labels[s : s + step].to(dev), which).float()
                 for s in range(0, len(z), step)
             ]  # fmt: skip
         return torch.cat(parts)
