@@ -654,11 +654,8 @@ def test_style_spread_draws_candidates_in_the_neighbours_styles(fitted, matrix, 
     kept candidates; 0 draws every image in the cell's predicted style."""
     writer, label = matrix.empty_cells()[0]
     row, col = fitted.matrix_.row(writer), fitted.matrix_.col(label)
-    fitted.style_spread = 0.0
-    try:
+    with _sampling(fitted, style_spread=0.0):
         one_style = fitted.generate(writer, label, 8, seed=3)
-    finally:
-        fitted.style_spread = CompletionGAN.Config.style_spread
     drawn = []
     real_draw = fitted._draw
 
@@ -676,9 +673,6 @@ def test_style_spread_draws_candidates_in_the_neighbours_styles(fitted, matrix, 
     hits = torch.cdist(kept, allowed).min(1).values
     scale = torch.cdist(allowed, allowed).median()  # how far apart the K styles are
     assert float(hits.max()) < 0.01 * float(scale) and len(torch.unique(kept, dim=0)) > 1
-    fitted.style_spread = 0.0
-    try:
+    with _sampling(fitted, style_spread=0.0):
         fitted.generate(writer, label, 8, seed=3)
-        assert len(torch.unique(drawn[-1], dim=0)) == 1  # one style for the whole cell
-    finally:
-        fitted.style_spread = CompletionGAN.Config.style_spread
+    assert len(torch.unique(drawn[-1], dim=0)) == 1  # one style for the whole cell
