@@ -239,7 +239,8 @@ def test_herd_picks_distinct_candidates_whose_mean_is_nearest_the_target():
 
 @contextlib.contextmanager
 def _sampling(method, **params):
-    """Sampling-time parameters of a fitted method changed for a block, then restored."""
+    """Attributes of a fitted method (sampling-time parameters, its bank) changed for a block,
+    then restored."""
     before = {name: getattr(method, name) for name in params}
     for name, value in params.items():
         setattr(method, name, value)
@@ -633,18 +634,11 @@ def test_herding_to_the_mean_or_without_a_bank(fitted, matrix, monkeypatch):
     a = fitted.generate(writer, label, 8, seed=1)  # herd_to="neighbours", the default
     assert calls and calls[0][1] == fitted.neighbours
     calls.clear()
-    fitted.herd_to = "mean"
-    try:
+    with _sampling(fitted, herd_to="mean"):
         b = fitted.generate(writer, label, 8, seed=1)
-    finally:
-        fitted.herd_to = CompletionGAN.Config.herd_to
     assert not calls and a.shape == b.shape
-    bank = fitted.bank_
-    fitted.bank_ = None  # a run saved before the bank: herds to the mean
-    try:
+    with _sampling(fitted, bank_=None):  # a run saved before the bank: herds to the mean
         np.testing.assert_array_equal(fitted.generate(writer, label, 8, seed=1), b)
-    finally:
-        fitted.bank_ = bank
     assert not calls
 
 
