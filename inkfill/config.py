@@ -39,6 +39,10 @@ def param(default, help: str = ""):
 
 
 # Shared by the two methods of the completion style space (predicted-retrieval, completion-gan).
+BF16_HELP = (
+    "bfloat16 autocast in training and sampling where the device computes it natively (a CUDA GPU "
+    "with bf16, a CPU with AVX-512 or AMX); float32 elsewhere, where bf16 is emulated and slow"
+)
 RANK_STEPS_HELP = (
     "steps refining each label's regression for picking the writer out (InfoNCE over the "
     "label's writers, anchored to the ridge solution; 0: plain ridge)"
@@ -87,7 +91,7 @@ class ClusterGANConfig:
     truncation: float = param(
         1.0, "sampling: z ~ truncation * N(0, I); < 1 trades variety for typicality"
     )
-    bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
+    bf16: bool = param(True, BF16_HELP)
     seed: int = param(0, "seed of clustering, initialisation and training")
 
     def __post_init__(self):
@@ -231,7 +235,7 @@ class EmbedGANConfig:
     judge_style: bool = param(True, "the discriminator also judges the writer (style projection)")
     shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
     truncation: float = param(1.0, "sampling: z ~ truncation * N(0, I)")
-    bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
+    bf16: bool = param(True, BF16_HELP)
     seed: int = param(0, "seed of initialisation and training")
 
     def __post_init__(self):
@@ -284,7 +288,7 @@ class CollaGANConfig:
     keep: float = param(0.7, "input dropout in training: each other label kept with this chance")
     fill_keep: float = param(0.8, "input dropout when filling: varies the images of one cell")
     shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
-    bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
+    bf16: bool = param(True, BF16_HELP)
     seed: int = param(0, "seed of initialisation and training")
 
     def __post_init__(self):
@@ -420,7 +424,7 @@ class CompletionGANConfig:
         "draws (noise, style, label) -> embedding the draw predictor learns from after the GAN "
         "(0: no predictor; herding then renders every candidate)",
     )
-    bf16: bool = param(True, "bfloat16 autocast in training (CPU and CUDA)")
+    bf16: bool = param(True, BF16_HELP)
     seed: int = param(0, "seed of initialisation and training")
 
     def __post_init__(self):

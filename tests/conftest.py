@@ -72,6 +72,15 @@ def write_leaf(data: Dataset, path: Path) -> Path:
 
 
 @pytest.fixture
+def native_bf16(monkeypatch):
+    """Treat the CPU as computing bf16 natively, so that bf16=True trains in bf16 here too (an
+    AVX2-only CPU emulates it: slow, but the numerics under test are the same)."""
+    from inkfill import train
+
+    monkeypatch.setattr(train, "bf16_native", lambda device_type: True)
+
+
+@pytest.fixture
 def tiny() -> Dataset:
     return make_dataset()
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import Checkpoints, Loop
 from ..config import InkfillError
 from ..data import Cell, DataError, Dataset, NpzStream, WriterMatrix, atomic_path, file_mode
+from ..train import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,13 @@ class Method:
         self.device_ = torch.device(device)
         self.matrix_ = MatrixInfo.of(matrix)
         self._checkpoints = checkpoints
+        if getattr(self, "bf16", False) and not use_bf16(self.device_, True):
+            log.warning(
+                "%s: training in float32: this %s has no native bfloat16 (bf16 would be emulated, "
+                "many times slower)",
+                self.name,
+                self.device_.type,
+            )
         try:
             self._fit(matrix, progress=progress)
         finally:
@@ -190,10 +198,11 @@ class Method:
 
     def _inference(self):
         """The context of every generator forward pass: no autograd, and bf16 autocast when
-        the method trains in bf16 (about 2x the images/s on a CPU with AVX-512 BF16)."""
+        the method trains in bf16 and this device computes bf16 natively (about 2x the images/s
+        on a CPU with AVX-512 BF16; train.bf16_native)."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        if getattr(self, "bf16", False) and self.device_.type in ("cpu", "cuda"):
+        if use_bf16(self.device_, getattr(self, "bf16", False)):
             stack.enter_context(torch.autocast(self.device_.type, dtype=torch.bfloat16))
         return stack
 
