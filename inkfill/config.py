@@ -38,11 +38,12 @@ def param(default, help: str = ""):
     return field(default=default, metadata={"help": help})
 
 
-# Shared by the two methods of the completion style space (predicted-retrieval, completion-gan).
+# Shared by every GAN method (train.use_bf16 decides where it applies).
 BF16_HELP = (
     "bfloat16 autocast in training and sampling where the device computes it natively (a CUDA GPU "
     "with bf16, a CPU with AVX-512 or AMX); float32 elsewhere, where bf16 is emulated and slow"
 )
+# Shared by the two methods of the completion style space (predicted-retrieval, completion-gan).
 RANK_STEPS_HELP = (
     "steps refining each label's regression for picking the writer out (InfoNCE over the "
     "label's writers, anchored to the ridge solution; 0: plain ridge)"

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import Checkpoints, Loop
 from ..config import InkfillError
 from ..data import Cell, DataError, Dataset, NpzStream, WriterMatrix, atomic_path, file_mode
-from ..train import use_bf16
+from ..train import autocast, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,7 @@ class Method:
         on a CPU with AVX-512 BF16; train.bf16_native)."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        if use_bf16(self.device_, getattr(self, "bf16", False)):
-            stack.enter_context(torch.autocast(self.device_.type, dtype=torch.bfloat16))
+        stack.enter_context(autocast(self.device_, getattr(self, "bf16", False)))
         return stack
 
     # -- reporting (optional) ------------------------------------------------------------------
