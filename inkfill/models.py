@@ -6,9 +6,12 @@ judge network.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -146,6 +149,25 @@ class FeatureNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
+
+
+def folded(net: nn.Module) -> nn.Module:
+    """A frozen inference copy of `net` in which every batch norm that directly follows a
+    convolution or a linear layer of a Sequential is folded into that layer's weights (the same
+    function in eval mode, one pass over the activations fewer), stored channels_last.
+
+    For a frozen network that runs inside a training loss (completion-gan's classifier terms) as
+    well as at inference: its forward and backward (to the input) take ~35% less time on CPU.
+    """
+    net = copy.deepcopy(net).eval().requires_grad_(False)
+    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            layer, norm = seq[i], seq[i + 1]
+            if isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(layer, norm), nn.Identity()
+            elif isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d):
+                seq[i], seq[i + 1] = fuse_linear_bn_eval(layer, norm), nn.Identity()
+    return net.requires_grad_(False).to(memory_format=torch.channels_last)
 
 
 def style_head(hidden: int, style_dim: int) -> nn.Sequential:

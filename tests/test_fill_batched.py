@@ -91,3 +91,34 @@ def test_inference_rewrites_compute_what_the_layers_compute():
             x = F.relu(norm(x) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
         slow = torch.tanh(G.up2(x))
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_feature_net_computes_what_the_eval_net_computes():
+    import torch
+
+    from inkfill.models import FeatureNet, folded
+
+    torch.manual_seed(0)
+    net = FeatureNet(n_labels=3, n_writers=5, width=4, dim=16).train()
+    for _ in range(3):  # batch-norm statistics and scales away from their start
+        net(torch.randn(32, 1, 28, 28))
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 2.0)
+            torch.nn.init.uniform_(m.bias, -0.5, 0.5)
+    net.eval()
+    fast = folded(net)
+    assert not any(
+        isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d) for m in fast.modules()
+    )
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert net.training is False and any(p.requires_grad for p in net.parameters())  # untouched
+    x = torch.randn(8, 1, 28, 28, requires_grad=True)
+    torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        fast.label_head(fast(x)), net.label_head(net(x)), atol=1e-5, rtol=1e-4
+    )
+    # The gradient to the input (what a loss through the frozen net trains with) is the same too.
+    (g_fast,) = torch.autograd.grad(fast(x).square().sum(), x)
+    (g_net,) = torch.autograd.grad(net(x).square().sum(), x)
+    torch.testing.assert_close(g_fast, g_net, atol=1e-4, rtol=1e-3)
