@@ -375,6 +375,11 @@ class CompletionGANConfig:
     spread_weight: float = param(
         3.0, "the cell's draws must differ as much as the real cell's images do (log ratio)"
     )
+    energy_weight: float = param(
+        0.0,
+        "energy distance, in the classifier's embedding, between the cell's draws and real "
+        "images of the cell: the draws must spread as the writer's own images of it do",
+    )
     label_weight: float = param(1.0, "auxiliary label classifier loss (AC-GAN)")
     r1_weight: float = param(
         1.0, "R1: penalise D's gradient on real images (gamma / 2 * |grad|^2; 0: off)"

@@ -667,6 +667,10 @@ class CellLoss(_GeneratorLoss):
       the label (the bench's retrieval task, in the method's own feature space);
     - spread: |log| of the ratio of the draws' mean pairwise pixel distance to the real cell's
       (a collapsed cell, far below, pulls hard);
+    - energy: the energy distance (Szekely & Rizzo 2013) between the draws' embeddings and those
+      of real images of the cell (the sampler's "cell_features"): 2 E|x - y| - E|x - x'| -
+      E|y - y'|, zero only when the two sets have one distribution, so the draws must take the
+      writer's own variety in the classifier's space, not only its mean;
     - recon / kl: the cVAE terms.
     """
 
@@ -683,6 +687,7 @@ class CellLoss(_GeneratorLoss):
         spread_weight: float,
         recon_weight: float,
         kl_weight: float,
+        energy_weight: float,
     ):
         self.features = features
         self.prototypes, self.valid = prototypes, valid  # (L, W, d), (L, W) bool
@@ -694,6 +699,7 @@ class CellLoss(_GeneratorLoss):
             "features": feature_weight,
             "nce": nce_weight,
             "spread": spread_weight,
+            "energy": energy_weight,
             "recon": recon_weight,
             "kl": kl_weight,
         }
@@ -702,7 +708,7 @@ class CellLoss(_GeneratorLoss):
     def __call__(self, fake, batch, m, style=None, recon=None, mu=None, logvar=None):
         rows, labels, terms = batch["rows"], batch["labels"], self.terms
         out: dict[str, torch.Tensor] = {}
-        if {"classify", "features", "nce"} & set(terms):
+        if {"classify", "features", "nce", "energy"} & set(terms):
             each = self.features(fake).float()  # (B*m, d)
             emb = each.view(len(labels), m, -1).mean(1)  # (B, d)
         if "classify" in terms:
@@ -723,8 +729,24 @@ class CellLoss(_GeneratorLoss):
             pairs = torch.triu_indices(m, m, 1, device=fake.device)
             spread = (d2[:, pairs[0], pairs[1]] + 1e-4).sqrt().mean(1)  # (B,)
             out["spread"] = (spread.log() - batch["spread"].log()).abs().mean()
+        if "energy" in terms:
+            x, y = each.view(len(labels), m, -1), batch["cell_features"]  # (B, m, d), (B, r, d)
+            out["energy"] = (
+                2 * _mean_distance(x, y) - _mean_distance(x, x) - _mean_distance(y, y)
+            ).mean()
         self._cvae(out, batch, recon, mu, logvar)
         return out
+
+
+def _mean_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, n, d), (B, k, d) -> (B,): the mean Euclidean distance between a's and b's rows, the
+    pairs of a row with itself left out when a is b."""
+    # sqrt(d2 + eps): a finite gradient where two rows coincide.
+    dist = ((a[:, :, None] - b[:, None]).pow(2).sum(-1) + 1e-8).sqrt()  # (B, n, k)
+    if a is b:
+        n = a.shape[1]
+        return (dist.sum((1, 2)) - n * 1e-4) / (n * (n - 1))
+    return dist.mean((1, 2))
 
 
 class _PersonalGame(Game):

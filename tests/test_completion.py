@@ -20,7 +20,7 @@ from inkfill.methods.completion import (
     herd,
     kernel_herd,
 )
-from inkfill.methods.personal import auto_classifier_epochs
+from inkfill.methods.personal import _CellSampler, auto_classifier_epochs
 from inkfill.models import DrawPredictor
 from inkfill.train import EMA, CellLoss, recalibrate_batch_norm
 
@@ -416,7 +416,7 @@ def test_cell_loss_ranks_the_true_writer_and_matches_spread():
     loss = CellLoss(
         Flat(), protos, torch.ones(1, 3, dtype=torch.bool), classify_weight=1.0,
         feature_weight=1.0, nce_weight=1.0, nce_temperature=0.1, spread_weight=1.0,
-        recon_weight=0.0, kl_weight=0.0,
+        recon_weight=0.0, kl_weight=0.0, energy_weight=0.0,
     )  # fmt: skip
     assert loss.terms == ("classify", "features", "nce", "spread")
     batch = {
@@ -444,6 +444,56 @@ def test_cell_loss_ranks_the_true_writer_and_matches_spread():
         < 1.0
         < loss(draws(torch.tensor([0, 0, 0, 1.0]), 0), batch, 2)["classify"]
     )
+
+
+def test_energy_term_is_zero_for_the_cells_own_distribution_and_grows_off_it():
+    # Identity features on 8-pixel "images"; 600 real images of one cell, spread in 8 dims.
+    gen = torch.Generator().manual_seed(0)
+
+    class Flat(torch.nn.Module):
+        label_head = torch.nn.Identity()
+
+        def forward(self, x):
+            return x.flatten(1)[:, :8]
+
+    loss = CellLoss(
+        Flat(), torch.zeros(1, 1, 8), torch.ones(1, 1, dtype=torch.bool), classify_weight=0.0,
+        feature_weight=0.0, nce_weight=0.0, nce_temperature=0.1, spread_weight=0.0,
+        recon_weight=0.0, kl_weight=0.0, energy_weight=1.0,
+    )  # fmt: skip
+    assert loss.terms == ("energy",)
+    real = torch.randn(1, 600, 8, generator=gen)
+    batch = {"rows": torch.tensor([0]), "labels": torch.tensor([0]), "cell_features": real}
+
+    def energy(points):  # (600, 8) embeddings -> the term on 600 "draws" with them
+        x = torch.zeros(600, 1, 28, 28)
+        x.view(600, -1)[:, :8] = points
+        return float(loss(x, batch, 600)["energy"])
+
+    same = energy(torch.randn(600, 8, generator=gen))  # a fresh sample of the same distribution
+    collapsed = energy(real[0].mean(0).expand(600, 8))  # every draw the cell's mean
+    shifted = energy(torch.randn(600, 8, generator=gen) + 1.0)
+    narrow = energy(0.5 * torch.randn(600, 8, generator=gen))
+    assert abs(same) < 0.05 < 0.3 < min(collapsed, shifted, narrow)
+    assert collapsed > narrow  # the less of the cell's variety, the more it costs
+
+
+def test_cell_features_are_distinct_images_of_the_cell(matrix):
+    emb = torch.arange(len(matrix.data), dtype=torch.float32)[:, None]  # embedding = image index
+    sampler = _CellSampler(matrix, "cpu", 64, 1, torch.Generator().manual_seed(0), emb,
+                           real_per_cell=5)  # fmt: skip
+    batch = sampler()
+    idx = batch["cell_features"][..., 0].long()  # (B, 5) image indices
+    assert idx.shape == (64, 5)
+    for r, c, row in zip(batch["rows"], batch["labels"], idx):
+        assert (matrix.rows[row] == int(r)).all() and (matrix.cols[row] == int(c)).all()
+        count = int(((matrix.rows == int(r)) & (matrix.cols == int(c))).sum())
+        assert len(set(row.tolist())) == min(count, 5)
+
+
+def test_completion_gan_trains_with_the_energy_term(matrix):
+    history = CompletionGAN(**{**TINY, "energy_weight": 1.0}).fit(matrix).history_
+    assert np.isfinite(history["completion-gan"]["energy"]).all()
 
 
 def test_completion_gan_on_62_labels_fills_letters():

@@ -36,6 +36,7 @@ from ..models import (
     PersonalDiscriminator,
     PersonalGenerator,
     PosteriorEncoder,
+    folded,
 )
 from ..progress import tqdm
 from ..train import EMA, CellLoss, recalibrate_batch_norm, train_personal_gan
@@ -174,7 +175,10 @@ class CompletionGAN(_StyleSpace):
             # Codes enter the style network centred on their label and on a unit scale.
             self.code_scale_ = float(np.nanstd(codes - self.regression_.label_means_[None]))
             emb = torch.from_numpy(self.embeddings_).to(dev)
-            sampler = _CellSampler(matrix, dev, self.batch_cells, 1, rng, emb)
+            sampler = _CellSampler(
+                matrix, dev, self.batch_cells, 1, rng, emb,
+                real_per_cell=ENERGY_REAL if self.energy_weight > 0 else 0,
+            )  # fmt: skip
             if not len(sampler):
                 raise InkfillError(f"{self.name}: no writer has two labels to learn a style from")
             steps = self.steps or auto_steps(len(sampler), self.batch_cells)
@@ -209,12 +213,13 @@ class CompletionGAN(_StyleSpace):
             if self.recon_weight > 0:
                 posterior = PosteriorEncoder(n_labels, self.style_dim, self.nz, self.ndf).to(dev)
             loss = CellLoss(
-                self.classifier_, protos, valid,
+                folded(self.classifier_), protos, valid,
                 classify_weight=self.classify_weight,
                 feature_weight=self.feature_weight, nce_weight=self.nce_weight,
                 nce_temperature=self.nce_temperature, spread_weight=self.spread_weight,
                 recon_weight=self.recon_weight,
                 kl_weight=self.kl_weight if posterior is not None else 0.0,
+                energy_weight=self.energy_weight,
             )  # fmt: skip
             modules = {"generator": self.generator_, "style": self.style_, "discriminator": disc}
             if posterior is not None:
@@ -571,6 +576,7 @@ PREDICTOR_GROUP = 8  # noises per cell in the draw predictor's data
 PREDICTOR_BATCH = 256  # draws per step of the draw predictor
 PREDICTOR_EPOCHS = 12
 BANK_PER_LABEL = 4_000  # training embeddings of each label a run keeps for herd_to="neighbours"
+ENERGY_REAL = 8  # real images of a cell the energy term compares its draws with
 
 
 def herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
