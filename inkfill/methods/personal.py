@@ -318,7 +318,8 @@ def embed_images(
     net: FeatureNet, images: np.ndarray, device, chunk: int = INFER_CHUNK
 ) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, dim) float32 embeddings of a frozen FeatureNet."""
-    net = folded(net)  # the same function, ~1.5x the images/s
+    if len(images) >= 4 * chunk:  # folding copies the net (~15 ms): worth it for many images
+        net = folded(net)  # the same function, ~1.8x the images/s on an AVX2 CPU
     x = ModelImages(images, device)  # converted a chunk at a time
     parts = [net(x[s : s + chunk]).float() for s in range(0, len(x), chunk)]
     return torch.cat(parts) if parts else torch.zeros(0, net.label_head.in_features, device=device)
