@@ -315,6 +315,13 @@ class PredictedRetrievalConfig:
     classifier_width: int = param(24, "channels of the classifier's first convolutions")
     rank_steps: int = param(300, RANK_STEPS_HELP)
     rank_temperature: float = param(0.02, RANK_TEMPERATURE_HELP)
+    neighbours: int = param(
+        64,
+        "sampling: a cell's n images are picked among this many real images nearest its "
+        "predicted prototype, by kernel herding toward their spread moved onto the prediction "
+        "(a real cell's spread in the judge's embedding; bench seeds 5 and 6); n or fewer: the n "
+        "nearest",
+    )
     seed: int = param(0, "seed of the classifier and the regressions")
 
     def __post_init__(self):
@@ -322,6 +329,8 @@ class PredictedRetrievalConfig:
             raise InkfillError("--classifier-epochs must be >= 0 (0: adapt to the data)")
         if min(self.n_components, self.classifier_width) < 1:
             raise InkfillError("--n-components and --classifier-width must be at least 1")
+        if self.neighbours < 0:
+            raise InkfillError("--neighbours must be >= 0")
         _check_rank(self)
 
 

@@ -381,7 +381,7 @@ def test_bad_hyperparameters_are_refused():
 def test_predicted_retrieval_hands_out_other_writers_images_nearest_the_prediction(
     matrix, tmp_path
 ):
-    m = PredictedRetrieval(classifier_epochs=1, n_components=4).fit(matrix)
+    m = PredictedRetrieval(classifier_epochs=1, n_components=4, neighbours=0).fit(matrix)
     writer, label = matrix.empty_cells()[0]
     out = m.generate(writer, label, 3)
     col, row = matrix.col(label), matrix.row(writer)
@@ -395,6 +395,24 @@ def test_predicted_retrieval_hands_out_other_writers_images_nearest_the_predicti
     np.testing.assert_array_equal(out[0], matrix.data.images[nearest])
     m.save(tmp_path / "pr")
     np.testing.assert_array_equal(load_run(tmp_path / "pr").generate(writer, label, 3), out)
+
+
+def test_predicted_retrieval_herds_among_more_neighbours_than_it_hands_out(matrix):
+    m = PredictedRetrieval(classifier_epochs=1, n_components=4, neighbours=8).fit(matrix)
+    writer, label = matrix.empty_cells()[0]
+    col, row = matrix.col(label), matrix.row(writer)
+    pool = np.flatnonzero((matrix.cols == col) & (matrix.rows != row))
+    proto = m.regression_.embed(m.predicted_[row, col])
+    near = pool[np.argsort(((m.embeddings_[pool] - proto) ** 2).sum(1), kind="stable")[:8]]
+    out = m.generate(writer, label, 4)
+    flat = matrix.data.images[near].reshape(8, -1)
+    hits = [np.flatnonzero((flat == img.reshape(-1)).all(1)) for img in out]
+    assert all(len(h) for h in hits)  # each one of the 8 nearest ...
+    assert len({int(h[0]) for h in hits}) == 4  # ... and no image twice
+    m.neighbours = 0  # sampling-time: the 4 nearest again
+    np.testing.assert_array_equal(m.generate(writer, label, 4), matrix.data.images[near[:4]])
+    with pytest.raises(InkfillError):
+        _ = PredictedRetrieval(neighbours=-1).config
 
 
 def test_cell_loss_ranks_the_true_writer_and_matches_spread():

@@ -5,8 +5,9 @@ Both methods here share one style space: a label+writer classifier trained on th
 ridge regression per label, refined for picking the writer out (InfoNCE, `rank_steps`), that
 predicts a cell's prototype from the writer's other cells (completion.PrototypeRegression).
 
-- predicted-retrieval: the real images of the label, of other writers, nearest the predicted
-  prototype. A reference a generator must beat with new images.
+- predicted-retrieval: real images of the label, of other writers, near the predicted
+  prototype: of the `neighbours` nearest, the set whose spread is theirs moved onto the
+  prediction (kernel herding, as below). A reference a generator must beat with new images.
 - completion-gan: a generator G(z, style(predicted code, label), label) trained on the task it is
   tested on: a training cell is drawn from its prototype as predicted *without* it (out-of-fold
   regressions) or from its real prototype, and the m draws are compared with the real cell: mean
@@ -101,8 +102,9 @@ class _StyleSpace(Method):
 
 
 class PredictedRetrieval(_StyleSpace):
-    """Real images of label j, of writers other than i, nearest (in the classifier's embedding)
-    the prototype of (i, j) predicted from i's other cells."""
+    """Real images of label j, of writers other than i, near (in the classifier's embedding) the
+    prototype of (i, j) predicted from i's other cells, spread as real images of that style are
+    (see _picked)."""
 
     name = "predicted-retrieval"
     Config = PredictedRetrievalConfig
@@ -116,23 +118,32 @@ class PredictedRetrieval(_StyleSpace):
         self.images_ = matrix.data.images
         del self.protos_, self.counts_
 
-    def _nearest(self, proto: np.ndarray, col: int, n: int, row: int = -1) -> np.ndarray:
+    def _picked(self, code: np.ndarray, col: int, n: int, row: int = -1) -> np.ndarray:
+        """n real images of label column `col`, of writers other than row `row`, for the
+        predicted code `code` (k,): the n nearest its prototype, or, with `neighbours` > n, n of
+        the `neighbours` nearest picked by kernel herding toward those same images moved so that
+        their mean is the prediction (the spread of real images of that style, centred on it)."""
         pool = np.flatnonzero((self.cols_ == col) & (self.rows_ != row))
+        proto = self.regression_.embed(code)
         d = ((self.embeddings_[pool] - proto) ** 2).sum(1)
         order = pool[np.argsort(d, kind="stable")]
-        return self.images_[order[np.arange(n) % len(order)]]
+        if self.neighbours <= n or len(order) <= n:
+            return self.images_[order[np.arange(n) % len(order)]]
+        near = order[: self.neighbours]
+        near_codes = torch.from_numpy(self.regression_.codes(self.embeddings_[near])).double()
+        target = near_codes - near_codes.mean(0) + torch.from_numpy(code).double()
+        picks = kernel_herd(near_codes[None], target[None], n)[0].numpy()
+        return self.images_[near[picks]]
 
     def _generate(self, writer, label, n, rng):
         row, col = self.matrix_.row(writer), self.matrix_.col(label)
-        proto = self.regression_.embed(self.predicted_[row, col])
-        return self._nearest(proto, col, n, row)
+        return self._picked(self.predicted_[row, col], col, n, row)
 
     def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
         self.check_fitted()
         col = self.matrix_.col(label)
         codes = self._reference_codes(images, labels)
-        proto = self.regression_.embed(self.regression_.predict(codes, col, shots=True)[0])
-        return self._nearest(proto, col, n)
+        return self._picked(self.regression_.predict(codes, col, shots=True)[0], col, n)
 
     def _modules(self):
         return [self.classifier_]
