@@ -65,9 +65,9 @@ def main():
     cells = [(h.writer, h.label) for h in hidden]
     print(
         "| variant | MRR | label acc | FID | div ratio | feature div ratio "
-        "| writer CAS top-1 / top-5 | label CAS |"
+        "| writer CAS top-1 / top-5 | label CAS | personal: missing / other labels |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for variant in args.variant or ["default"]:
         method = load_run(args.bench / "runs" / args.method)
         if hasattr(method, "set_neighbour_bank") and getattr(method, "bank_", None) is None:
@@ -81,10 +81,11 @@ def main():
         filled = fill(method, cells, per_cell, seed=seed)
         fills = [filled.images[k * per_cell : (k + 1) * per_cell] for k in range(len(cells))]
         row, score = scorer.score(fills), cas.score(fills)
+        personal = f"{score['personal_missing_acc']:.3f} / {score['personal_other_acc']:.3f}"
         figures = [f"{row['mrr']:.3f}", f"{row['label_accuracy']:.3f}", f"{row['fid']:.2f}",
                    f"{row['diversity_ratio']:.2f}", f"{row['feature_diversity_ratio']:.2f}",
                    f"{score['writer_cas_top1']:.3f} / {score['writer_cas_top5']:.3f}",
-                   f"{score['label_cas']:.3f}"]  # fmt: skip
+                   f"{score['label_cas']:.3f}", personal]  # fmt: skip
         print(f"| {variant} | {' | '.join(figures)} |", flush=True)
         print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
