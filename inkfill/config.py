@@ -356,6 +356,12 @@ class CompletionGANConfig:
     style_dim: int = param(64, "size of the style code the generator reads")
     nz: int = param(32, "noise size: the variation within one cell")
     ngf: int = param(32, "generator width")
+    head: int = param(
+        32,
+        "channels of the generator's last stage at 28x28, from which a 3x3 convolution draws "
+        "the pixels (0: a transposed convolution draws them directly, as runs before 2026-12-02 "
+        "did: faint periodic speckle on the background, coarser strokes)",
+    )
     ndf: int = param(32, "discriminator width")
     steps: int = param(
         0, "training steps; 0: adapt to the data (20 passes over the observed cells, 1k-10k)"
@@ -434,6 +440,11 @@ class CompletionGANConfig:
         "neighbours, this far (0-1) from the cell's predicted code toward it (0: every image in "
         "the cell's predicted style)",
     )
+    ink_floor: int = param(
+        10,
+        "sampling: pixels fainter than this (of 255) are drawn as background, 0 as in the scans "
+        "(the generator's tanh never reaches it and leaves a faint haze; 0: keep the haze)",
+    )
     predictor_draws: int = param(
         100_000,
         "draws (noise, style, label) -> embedding the draw predictor learns from after the GAN "
@@ -461,6 +472,8 @@ class CompletionGANConfig:
             raise InkfillError("--batch-cells must be >= 1 and --samples-per-cell >= 2")
         if self.steps < 0 or self.shift < 0 or not self.truncation > 0:
             raise InkfillError("--steps and --shift must be >= 0 and --truncation > 0")
+        if self.head < 0:
+            raise InkfillError("--head must be >= 0 (0: no last stage at 28x28)")
         if self.herd not in ("predicted", "rendered"):
             raise InkfillError(f"--herd must be 'predicted' or 'rendered', not {self.herd!r}")
         if self.herd_to not in ("mean", "neighbours"):
@@ -469,6 +482,8 @@ class CompletionGANConfig:
             raise InkfillError("--neighbours must be at least 2")
         if not self.style_spread >= 0:
             raise InkfillError("--style-spread must be >= 0 (0: one style per cell)")
+        if not 0 <= self.ink_floor <= 255:
+            raise InkfillError("--ink-floor must be within 0-255 (0: off)")
         if self.predictor_draws < 0:
             raise InkfillError("--predictor-draws must be >= 0 (0: no predictor)")
         if not self.ema_halflife >= 0:

@@ -216,22 +216,32 @@ class FiLMGenerator(nn.Module):
     """z (B, nz) and a condition (B, cond_dim) -> image (B, 1, 28, 28) in [-1, 1].
 
     The DCGAN generator, with the condition (a writer's style and a label) both concatenated to
-    z and modulating each batch norm's scale and shift (FiLM, Perez et al. 2018).
+    z and modulating each batch norm's scale and shift (FiLM, Perez et al. 2018). With `head` >
+    0 the last transposed convolution makes `head` channels at 28x28 (normed and modulated like
+    the others) and a 3x3 convolution draws the pixels from them; with 0 it draws the pixels
+    itself, which leaves a faint periodic speckle on the background (the checkerboard of a
+    stride-2 transposed convolution, Odena et al. 2016) and coarse strokes.
     """
 
-    def __init__(self, nz: int, cond_dim: int, ngf: int = 32):
+    def __init__(self, nz: int, cond_dim: int, ngf: int = 32, head: int = 0):
         super().__init__()
-        self.nz = nz
+        self.nz, self.head = nz, head
         self.fc = nn.Linear(nz + cond_dim, ngf * 4 * 49)
         self.up1 = nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False)  # 7 -> 14
-        self.up2 = nn.ConvTranspose2d(ngf * 2, 1, 4, 2, 1)  # 14 -> 28
+        self.up2 = nn.ConvTranspose2d(ngf * 2, head or 1, 4, 2, 1, bias=not head)  # 14 -> 28
         self.norm0 = nn.BatchNorm2d(ngf * 4, affine=False)
         self.norm1 = nn.BatchNorm2d(ngf * 2, affine=False)
         self.film0 = nn.Linear(cond_dim, 2 * ngf * 4)
         self.film1 = nn.Linear(cond_dim, 2 * ngf * 2)
+        films = [self.film0, self.film1]
+        if head:
+            self.norm2 = nn.BatchNorm2d(head, affine=False)
+            self.film2 = nn.Linear(cond_dim, 2 * head)
+            self.out = nn.Conv2d(head, 1, 3, 1, 1)
+            films.append(self.film2)
         self.ngf = ngf
         dcgan_init(self)
-        for film in (self.film0, self.film1):  # start as plain batch norm: scale 1, shift 0
+        for film in films:  # start as plain batch norm: scale 1, shift 0
             nn.init.zeros_(film.weight)
             nn.init.zeros_(film.bias)
 
@@ -260,6 +270,9 @@ class FiLMGenerator(nn.Module):
             x = F.linear(inp, weight, bias).view(len(z), 7, 7, c).permute(0, 3, 1, 2)
         x = self._modulate(x, self.norm0, self.film0, cond)
         x = self._modulate(self.up1(x), self.norm1, self.film1, cond)
+        if self.head:
+            x = self._modulate(self.up2(x), self.norm2, self.film2, cond)
+            return torch.tanh(self.out(x).float())
         if self.training:
             return torch.tanh(self.up2(x).float())
         return torch.tanh(conv_transpose_4s2(x, self.up2.weight, self.up2.bias).float())
@@ -335,13 +348,19 @@ class PersonalGenerator(nn.Module):
     the writer's style code beside a learned label embedding."""
 
     def __init__(
-        self, n_labels: int, style_dim: int = 64, nz: int = 32, ngf: int = 32, label_dim: int = 32
+        self,
+        n_labels: int,
+        style_dim: int = 64,
+        nz: int = 32,
+        ngf: int = 32,
+        label_dim: int = 32,
+        head: int = 0,
     ):
         super().__init__()
         self.nz = nz
         self.label_embed = nn.Embedding(n_labels, label_dim)
         nn.init.normal_(self.label_embed.weight, 0.0, 1.0)
-        self.net = FiLMGenerator(nz, style_dim + label_dim, ngf)
+        self.net = FiLMGenerator(nz, style_dim + label_dim, ngf, head)
 
     def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.net(z, torch.cat([style, self.label_embed(labels)], dim=1))

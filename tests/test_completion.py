@@ -344,6 +344,38 @@ def test_runs_without_a_draw_predictor_herd_by_rendering(matrix, tmp_path):
     np.testing.assert_array_equal(load_run(tmp_path / "run").generate(writer, label, 4, seed=1), a)
 
 
+def test_generator_draws_its_pixels_from_a_28x28_stage_and_older_runs_load_without_it(
+    fitted, matrix, tmp_path
+):
+    assert fitted.generator_.net.out.in_channels == fitted.head == 32  # the default
+    m = CompletionGAN(**{**TINY, "head": 0}).fit(matrix)  # a generator as runs before it had
+    assert not hasattr(m.generator_.net, "out") and m.generator_.net.up2.out_channels == 1
+    writer, label = matrix.empty_cells()[0]
+    a = m.generate(writer, label, 4, seed=1)
+    m.save(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")  # built from the run's tensors, not the default
+    assert not hasattr(loaded.generator_.net, "out")
+    np.testing.assert_array_equal(loaded.generate(writer, label, 4, seed=1), a)
+
+
+def test_ink_floor_draws_faint_pixels_as_background_and_nothing_else(fitted, matrix, monkeypatch):
+    assert fitted.ink_floor == 10  # the default
+    writer, label = matrix.empty_cells()[0]
+    idx = np.flatnonzero(matrix.rows == 0)
+    images, labels = matrix.data.images[idx], matrix.data.labels[idx]
+
+    def draws(floor):  # the tiny generator draws mid-grey: a floor at mid-grey shows
+        monkeypatch.setattr(fitted, "ink_floor", floor)
+        return (
+            fitted.generate(writer, label, 16, seed=3),
+            fitted.generate_from_reference(images, labels, 3, 16, seed=1),
+        )
+
+    for floored, raw in zip(draws(127), draws(0)):  # 0: the generator's own pixels
+        assert ((raw > 0) & (raw < 127)).any() and not ((floored > 0) & (floored < 127)).any()
+        np.testing.assert_array_equal(floored, np.where(raw < 127, 0, raw))
+
+
 def test_out_of_fold_regressions_run_only_when_training_conditions_on_them(matrix):
     """predicted_share 0 (the default) trains on real codes and skips the out-of-fold fits; a
     share above 0 fits them and still trains to images in range."""
@@ -369,7 +401,8 @@ def test_classifier_epochs_adapt_to_the_number_of_images():
 
 def test_bad_hyperparameters_are_refused():
     for bad in ({"samples_per_cell": 1}, {"predicted_share": 1.5}, {"nce_weight": -1.0},
-                {"classifier_epochs": -1}, {"herd": "both"}, {"predictor_draws": -1}):  # fmt: skip
+                {"classifier_epochs": -1}, {"herd": "both"}, {"predictor_draws": -1},
+                {"head": -1}, {"ink_floor": 256}):  # fmt: skip
         with pytest.raises(InkfillError):
             _ = CompletionGAN(**bad).config
     for bad in ({"rank_steps": -1}, {"rank_temperature": 0.0}):

@@ -217,7 +217,9 @@ class CompletionGAN(_StyleSpace):
 
             n_labels = matrix.n_labels
             k = codes.shape[-1]
-            self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf).to(dev)
+            self.generator_ = PersonalGenerator(
+                n_labels, self.style_dim, self.nz, self.ngf, head=self.head
+            ).to(dev)
             self.style_ = CodeStyle(k, n_labels, self.style_dim).to(dev)
             disc = PersonalDiscriminator(n_labels, self.style_dim, self.ndf).to(dev)
             posterior = None
@@ -409,7 +411,13 @@ class CompletionGAN(_StyleSpace):
         rows = np.asarray([self.matrix_.row(w) for w, _ in cells], np.int64)
         cols = np.asarray([self.matrix_.col(lab) for _, lab in cells], np.int64)
         codes = self.predicted_[rows, cols]
-        return list(self._herded(self.truncation * z, codes, cols, n))
+        return list(self._floored(self._herded(self.truncation * z, codes, cols, n)))
+
+    def _floored(self, images: np.ndarray) -> np.ndarray:
+        """Pixels fainter than `ink_floor` set to 0: a scan's background is exactly 0 (88% of
+        femnist_digits' pixels, 80% of the generator's before this); in place."""
+        images[images < self.ink_floor] = 0
+        return images
 
     def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
         """n images of `label` in the style of a writer known only from `images` (any labels)."""
@@ -421,7 +429,7 @@ class CompletionGAN(_StyleSpace):
             self.nz,
             generator=torch.Generator().manual_seed(cell_seed(seed, name, label)),
         )
-        return self._herded(self.truncation * z[None], code, np.asarray([col]), n)[0]
+        return self._floored(self._herded(self.truncation * z[None], code, np.asarray([col]), n)[0])
 
     def _herded(self, z: torch.Tensor, codes: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
         """(C, n, 28, 28) images of C cells from their candidate noises z (C, n * candidates,
@@ -558,7 +566,14 @@ class CompletionGAN(_StyleSpace):
         self._set_space(tensors)
         n_labels = len(self.matrix_.label_ids)
         k = tensors["regression.components"].shape[0]
-        self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf)
+        # the run's own tensors say whether its generator has the 28x28 stage (runs saved before
+        # it do not, whatever the config's default says now)
+        head = (
+            tensors["generator.net.out.weight"].shape[1]
+            if "generator.net.out.weight" in tensors
+            else 0
+        )
+        self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf, head=head)
         self.style_ = CodeStyle(k, n_labels, self.style_dim)
         for name, module in (("generator", self.generator_), ("style", self.style_)):
             prefix = f"{name}."
