@@ -353,8 +353,11 @@ def test_generator_draws_its_pixels_from_a_28x28_stage_and_older_runs_load_witho
     writer, label = matrix.empty_cells()[0]
     a = m.generate(writer, label, 4, seed=1)
     m.save(tmp_path / "run")
+    saved = (tmp_path / "run" / "config.json").read_text()
+    assert '"head": 0,' in saved
+    (tmp_path / "run" / "config.json").write_text(saved.replace('"head": 0,', ""))  # as before it
     loaded = load_run(tmp_path / "run")  # built from the run's tensors, not the default
-    assert not hasattr(loaded.generator_.net, "out")
+    assert not hasattr(loaded.generator_.net, "out") and loaded.head == 0
     np.testing.assert_array_equal(loaded.generate(writer, label, 4, seed=1), a)
 
 

@@ -573,6 +573,7 @@ class CompletionGAN(_StyleSpace):
             if "generator.net.out.weight" in tensors
             else 0
         )
+        self.head = head  # and the run's config says so when saved again
         self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf, head=head)
         self.style_ = CodeStyle(k, n_labels, self.style_dim)
         for name, module in (("generator", self.generator_), ("style", self.style_)):
