@@ -344,21 +344,27 @@ def test_runs_without_a_draw_predictor_herd_by_rendering(matrix, tmp_path):
     np.testing.assert_array_equal(load_run(tmp_path / "run").generate(writer, label, 4, seed=1), a)
 
 
-def test_generator_draws_its_pixels_from_a_28x28_stage_and_older_runs_load_without_it(
+def test_generator_with_a_28x28_stage_round_trips_and_runs_load_with_their_own_generator(
     fitted, matrix, tmp_path
 ):
-    assert fitted.generator_.net.out.in_channels == fitted.head == 32  # the default
-    m = CompletionGAN(**{**TINY, "head": 0}).fit(matrix)  # a generator as runs before it had
-    assert not hasattr(m.generator_.net, "out") and m.generator_.net.up2.out_channels == 1
     writer, label = matrix.empty_cells()[0]
+    m = CompletionGAN(**{**TINY, "head": 8}).fit(matrix)
+    assert m.generator_.net.out.in_channels == 8 and m.generator_.net.up2.out_channels == 8
     a = m.generate(writer, label, 4, seed=1)
-    m.save(tmp_path / "run")
-    saved = (tmp_path / "run" / "config.json").read_text()
-    assert '"head": 0,' in saved
-    (tmp_path / "run" / "config.json").write_text(saved.replace('"head": 0,', ""))  # as before it
-    loaded = load_run(tmp_path / "run")  # built from the run's tensors, not the default
-    assert not hasattr(loaded.generator_.net, "out") and loaded.head == 0
+    m.save(tmp_path / "staged")
+    loaded = load_run(tmp_path / "staged")
+    assert loaded.head == 8 and loaded.generator_.net.out.in_channels == 8
     np.testing.assert_array_equal(loaded.generate(writer, label, 4, seed=1), a)
+    # the default: no stage; a run's config without the key (saved before it) loads as one
+    assert fitted.head == 0 and fitted.generator_.net.up2.out_channels == 1
+    b = fitted.generate(writer, label, 4, seed=1)
+    fitted.save(tmp_path / "plain")
+    saved = (tmp_path / "plain" / "config.json").read_text()
+    assert '"head": 0,' in saved
+    (tmp_path / "plain" / "config.json").write_text(saved.replace('"head": 0,', ""))
+    old = load_run(tmp_path / "plain")  # built from the run's tensors
+    assert not hasattr(old.generator_.net, "out") and old.head == 0
+    np.testing.assert_array_equal(old.generate(writer, label, 4, seed=1), b)
 
 
 def test_ink_floor_draws_faint_pixels_as_background_and_nothing_else(fitted, matrix, monkeypatch):
