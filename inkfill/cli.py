@@ -187,7 +187,7 @@ def _add_config_args(p: argparse.ArgumentParser, cls, prefix: str = "") -> None:
     """One --flag per field of a config dataclass, default from the dataclass."""
     for f in dataclasses.fields(cls):
         flag = "--" + prefix + f.name.replace("_", "-")
-        help_ = f"{f.metadata.get('help', '')} [{f.default}]"
+        help_ = f"{f.metadata.get('help', '')} [{f.default}]".replace("%", "%%")  # argparse
         dest = (prefix + f.name).replace("-", "_")
         if isinstance(f.default, bool):
             p.add_argument(
@@ -229,7 +229,7 @@ def _add_method_args(p: argparse.ArgumentParser, methods) -> None:
                 where = f"{', '.join(mine)}: {f.default}"
             else:
                 where = "; ".join(f"{name}: {value}" for name, value in mine.items())
-            help_ = f"{f.metadata.get('help', '')} [{where}]"
+            help_ = f"{f.metadata.get('help', '')} [{where}]".replace("%", "%%")  # argparse
             if isinstance(f.default, bool):
                 group.add_argument(
                     flag, action=argparse.BooleanOptionalAction, default=None, help=help_

@@ -151,6 +151,21 @@ def test_console_script_exit_status(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "command", ["", "data", "fit", "fill", "bench", "report", "serve", "explain"]
+)
+def test_every_help_prints(command, capsys):
+    """--help on every command prints and exits 0 (a '%' in a hyperparameter's help once broke
+    `fit --help` with a traceback: argparse formats help strings with %)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*command.split(), "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: inkfill")
+    if command == "fit":
+        assert "--head" in out and "fit +32%)" in out
+
+
 def test_data_summary_on_real_digits(real_digits, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "data", "--data", real_digits, "--preview", tmp_path / "p.png")
     assert code == 0
