@@ -220,12 +220,21 @@ class FiLMGenerator(nn.Module):
     0 the last transposed convolution makes `head` channels at 28x28 (normed and modulated like
     the others) and a 3x3 convolution draws the pixels from them; with 0 it draws the pixels
     itself, which leaves a faint periodic speckle on the background (the checkerboard of a
-    stride-2 transposed convolution, Odena et al. 2016) and coarse strokes.
+    stride-2 transposed convolution, Odena et al. 2016) and coarse strokes. With `blur`, each
+    transposed convolution's output is low-passed by a fixed 3x3 binomial filter ([1, 2, 1] x
+    [1, 2, 1] / 16, edges replicated), which has no gain at the period-2 frequency of that
+    checkerboard (the blur after upsampling of StyleGAN, Karras et al. 2019); the filter is a
+    buffer, so a run's tensors say whether its generator has it.
     """
 
-    def __init__(self, nz: int, cond_dim: int, ngf: int = 32, head: int = 0):
+    def __init__(self, nz: int, cond_dim: int, ngf: int = 32, head: int = 0, blur: bool = False):
         super().__init__()
         self.nz, self.head = nz, head
+        if blur:
+            taps = torch.tensor([1.0, 2.0, 1.0])
+            self.register_buffer("blur", (taps[:, None] * taps[None] / 16)[None, None])
+        else:
+            self.blur = None
         self.fc = nn.Linear(nz + cond_dim, ngf * 4 * 49)
         self.up1 = nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False)  # 7 -> 14
         self.up2 = nn.ConvTranspose2d(ngf * 2, head or 1, 4, 2, 1, bias=not head)  # 14 -> 28
@@ -269,13 +278,21 @@ class FiLMGenerator(nn.Module):
             bias = self.fc.bias.view(c, 49).T.reshape(-1)
             x = F.linear(inp, weight, bias).view(len(z), 7, 7, c).permute(0, 3, 1, 2)
         x = self._modulate(x, self.norm0, self.film0, cond)
-        x = self._modulate(self.up1(x), self.norm1, self.film1, cond)
+        x = self._modulate(self._smooth(self.up1(x)), self.norm1, self.film1, cond)
         if self.head:
-            x = self._modulate(self.up2(x), self.norm2, self.film2, cond)
+            x = self._modulate(self._smooth(self.up2(x)), self.norm2, self.film2, cond)
             return torch.tanh(self.out(x).float())
         if self.training:
-            return torch.tanh(self.up2(x).float())
-        return torch.tanh(conv_transpose_4s2(x, self.up2.weight, self.up2.bias).float())
+            return torch.tanh(self._smooth(self.up2(x)).float())
+        x = conv_transpose_4s2(x, self.up2.weight, self.up2.bias)
+        return torch.tanh(self._smooth(x).float())
+
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """x through the binomial filter, channel by channel (unchanged without `blur`)."""
+        if self.blur is None:
+            return x
+        kernel = self.blur.to(x.dtype).expand(x.shape[1], 1, 3, 3)
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
 
 
 class PersonalDiscriminator(nn.Module):
@@ -355,12 +372,13 @@ class PersonalGenerator(nn.Module):
         ngf: int = 32,
         label_dim: int = 32,
         head: int = 0,
+        blur: bool = False,
     ):
         super().__init__()
         self.nz = nz
         self.label_embed = nn.Embedding(n_labels, label_dim)
         nn.init.normal_(self.label_embed.weight, 0.0, 1.0)
-        self.net = FiLMGenerator(nz, style_dim + label_dim, ngf, head)
+        self.net = FiLMGenerator(nz, style_dim + label_dim, ngf, head, blur)
 
     def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.net(z, torch.cat([style, self.label_embed(labels)], dim=1))

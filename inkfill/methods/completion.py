@@ -218,7 +218,7 @@ class CompletionGAN(_StyleSpace):
             n_labels = matrix.n_labels
             k = codes.shape[-1]
             self.generator_ = PersonalGenerator(
-                n_labels, self.style_dim, self.nz, self.ngf, head=self.head
+                n_labels, self.style_dim, self.nz, self.ngf, head=self.head, blur=self.blur
             ).to(dev)
             self.style_ = CodeStyle(k, n_labels, self.style_dim).to(dev)
             disc = PersonalDiscriminator(n_labels, self.style_dim, self.ndf).to(dev)
@@ -573,8 +573,11 @@ class CompletionGAN(_StyleSpace):
             if "generator.net.out.weight" in tensors
             else 0
         )
-        self.head = head  # and the run's config says so when saved again
-        self.generator_ = PersonalGenerator(n_labels, self.style_dim, self.nz, self.ngf, head=head)
+        blur = "generator.net.blur" in tensors  # the filter is a buffer: there or not
+        self.head, self.blur = head, blur  # and the run's config says so when saved again
+        self.generator_ = PersonalGenerator(
+            n_labels, self.style_dim, self.nz, self.ngf, head=head, blur=blur
+        )
         self.style_ = CodeStyle(k, n_labels, self.style_dim)
         for name, module in (("generator", self.generator_), ("style", self.style_)):
             prefix = f"{name}."
