@@ -432,6 +432,23 @@ def test_ink_floor_draws_faint_pixels_as_background_and_nothing_else(fitted, mat
         np.testing.assert_array_equal(floored, np.where(raw < floor, 0, raw))
 
 
+def test_margin_draws_the_edge_rows_and_columns_as_background(fitted, matrix, monkeypatch):
+    writer, label = matrix.empty_cells()[0]
+    monkeypatch.setattr(fitted, "ink_floor", 0)
+
+    def draws(margin):
+        monkeypatch.setattr(fitted, "margin", margin)
+        return fitted.generate(writer, label, 8, seed=3)
+
+    assert fitted.margin == 2  # the default
+    raw, kept = draws(0), draws(2)
+    edge = np.ones((28, 28), bool)
+    edge[2:-2, 2:-2] = False
+    assert (raw[:, edge] > 0).all()  # the tiny generator draws grey to the edges
+    assert (kept[:, edge] == 0).all()
+    np.testing.assert_array_equal(kept[:, ~edge], raw[:, ~edge])  # nothing else moves
+
+
 def test_out_of_fold_regressions_run_only_when_training_conditions_on_them(matrix):
     """predicted_share 0 (the default) trains on real codes and skips the out-of-fold fits; a
     share above 0 fits them and still trains to images in range."""
@@ -458,7 +475,7 @@ def test_classifier_epochs_adapt_to_the_number_of_images():
 def test_bad_hyperparameters_are_refused():
     for bad in ({"samples_per_cell": 1}, {"predicted_share": 1.5}, {"nce_weight": -1.0},
                 {"classifier_epochs": -1}, {"herd": "both"}, {"predictor_draws": -1},
-                {"head": -1}, {"ink_floor": 256}):  # fmt: skip
+                {"head": -1}, {"ink_floor": 256}, {"margin": -1}, {"margin": 14}):  # fmt: skip
         with pytest.raises(InkfillError):
             _ = CompletionGAN(**bad).config
     for bad in ({"rank_steps": -1}, {"rank_temperature": 0.0}):

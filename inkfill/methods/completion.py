@@ -415,8 +415,12 @@ class CompletionGAN(_StyleSpace):
 
     def _floored(self, images: np.ndarray) -> np.ndarray:
         """Pixels fainter than `ink_floor` set to 0: a scan's background is exactly 0 (88% of
-        femnist_digits' pixels, 80% of the generator's own on bench seed 7); in place."""
+        femnist_digits' pixels, 80% of the generator's own on bench seed 7); and the `margin`
+        outermost rows and columns, where the scans have no ink; in place."""
         images[images < self.ink_floor] = 0
+        if m := self.margin:
+            images[..., :m, :] = images[..., -m:, :] = 0
+            images[..., :m] = images[..., -m:] = 0
         return images
 
     def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
