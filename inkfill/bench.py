@@ -28,7 +28,7 @@ from .completion import PrototypeRegression, cell_prototypes
 from .config import BenchConfig, FeatureConfig, InkfillError
 from .data import Dataset, HiddenCell, WriterMatrix, atomic_path, file_mode, to_model
 from .methods import fill, method_class, reference_methods
-from .methods.base import write_json
+from .methods.base import HISTORY_FILE, write_history, write_json
 from .models import FeatureNet
 from .plots import save_bar_chart, save_hidden_cells
 from .progress import tqdm
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 FEATURE_VERSION = 1  # bump when FeatureNet or its training changes, to invalidate caches
 CAS_SEED = 1_000_003  # the train-on-fills backbone: the judge's recipe with another seed
+# A method whose fills the judge reads as their label this much less often than the hidden cells'
+# real images gets a warning: a collapsed fit, not just a weak method (seed 5 of stop 36: 0.61).
+COLLAPSE_GAP = 0.1
 
 
 def cache_dir() -> Path:
@@ -364,6 +367,7 @@ def run_bench(
         method.fit(reduced, device=device, progress=progress)
         fit_s = time.perf_counter() - start
         method.save(out_dir / "runs" / name, extra={"bench": asdict(config)})
+        write_history(out_dir / "runs" / name / HISTORY_FILE, getattr(method, "history_", {}))
         start = time.perf_counter()
         if new:
             filled = _fill_new(method, hidden, config.per_cell, config.seed)
@@ -388,6 +392,11 @@ def run_bench(
         echo(f"{name}: MRR {row['mrr']:.3f}, top-1 {row['top1']:.3f}, "
              f"label acc {row['label_accuracy']:.3f}, FID {row['fid']:.2f} "
              f"(fit {fit_s:.0f} s, fill {fill_s:.2f} s)")  # fmt: skip
+        warning = collapse_warning(name, row, rows["ceiling (real)"], out_dir / "runs" / name)
+        if warning:
+            row["warning"] = warning
+            log.warning(warning)
+            echo(f"warning: {warning}")
 
     if cas is not None:
         _cas_references(rows, cas, scorer, fills)
@@ -434,6 +443,19 @@ def run_bench(
             chance_label="no fill",
         )
     return results
+
+
+def collapse_warning(name: str, row: dict, ceiling: dict, run_dir: Path) -> str | None:
+    """A warning when the judge reads a method's fills as their label COLLAPSE_GAP less often
+    than the hidden cells' real images (a collapsed fit, not just a weak method)."""
+    acc, real = row["label_accuracy"], ceiling["label_accuracy"]
+    if acc >= real - COLLAPSE_GAP:
+        return None
+    return (
+        f"the judge reads only {acc:.0%} of {name}'s fills as their label (the hidden cells' "
+        f"real images: {real:.0%}): its fit has likely collapsed; its loss history is in "
+        f"{run_dir / HISTORY_FILE}"
+    )
 
 
 def _cas_references(rows: dict, cas: TrainOnFills, scorer: Scorer, fills: dict) -> None:
@@ -504,6 +526,11 @@ def results_markdown(results: dict) -> str:
     for name, row in rows.items():
         if name != "no fill":
             lines.append(_table_row(name, row, COLUMNS))
+    lines += [
+        f"\n**Warning, {name}:** {row['warning']}."
+        for name, row in rows.items()
+        if "warning" in row
+    ]
     checks = [(n, r) for n, r in rows.items() if "cluster_share" in r]
     lines += [
         "",

@@ -435,7 +435,7 @@ def _fit_locked(args, resuming, cls, method, out, partial) -> None:
     from .checkpoint import Checkpoints
     from .data import WriterMatrix, load_dataset, resolve_data_path
     from .methods import METHODS
-    from .methods.base import write_json
+    from .methods.base import HISTORY_FILE, write_history, write_json
 
     if not resuming:
         _check_out(out, args.overwrite)
@@ -526,10 +526,13 @@ def _fit_locked(args, resuming, cls, method, out, partial) -> None:
         if getattr(method, "phase_seconds_", None):
             metrics["phase_seconds"] = method.phase_seconds_
         write_json(tmp / "metrics.json", metrics)
-        _write_history(tmp / "metrics.jsonl", getattr(method, "history_", {}))
+        write_history(tmp / HISTORY_FILE, getattr(method, "history_", {}))
         table = method.format_metrics(metrics)
         if table:
             print(table)
+        for warning in metrics.get("warnings", []):
+            log.warning(warning)
+            print(f"warning: {warning}", file=sys.stderr)
         if args.figures != "none":
             method.save_figures(matrix, tmp / "figures", args.figures, metrics)
         log.info("done in %.1f s", time.perf_counter() - start)
@@ -581,16 +584,6 @@ def _building(out: Path, overwrite: bool, tmp: Path | None = None, keep=None):
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-def _write_history(path: Path, histories: dict) -> None:
-    with open(path, "w") as f:
-        for name, h in histories.items():
-            keys = [k for k in h if k != "step"]
-            for i, step in enumerate(h["step"]):
-                f.write(
-                    json.dumps({"model": name, "step": step, **{k: h[k][i] for k in keys}}) + "\n"
-                )
 
 
 def read_cells(path: str) -> list[tuple[str, int]]:

@@ -2,6 +2,7 @@
 on it, predicted-retrieval and completion-gan, on tiny synthetic data (contract, not quality)."""
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -630,9 +631,9 @@ def test_completion_gan_on_62_labels_fills_letters():
 
 
 @pytest.mark.slow
-def test_completion_gan_cli_on_real_digits(real_digits_half, tmp_path):
+def test_completion_gan_cli_on_real_digits(real_digits_half, tmp_path, capsys, monkeypatch):
     """A short fit on the real FEMNIST digits (half of the writers) through the CLI, then fill
-    every empty cell."""
+    every empty cell. 30 GAN steps draw blobs, not digits: the draw check after the fit warns."""
     from inkfill.cli import main
     from inkfill.data import load_dataset
 
@@ -641,6 +642,32 @@ def test_completion_gan_cli_on_real_digits(real_digits_half, tmp_path):
             "--steps", "30", "--classifier-epochs", "1", "--predictor-draws", "4000", "--rank-steps",
             "30", "--figures", "none", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
+    check = json.loads((run / "metrics.json").read_text())["draw_check"]
+    assert check["cells"] == 200 and check["real_label_acc"] > 0.9
+    assert check["draw_label_acc"] < check["real_label_acc"] - 0.1
+    err = capsys.readouterr().err
+    assert "warning: completion-gan's own classifier reads only" in err
+    assert len((run / "metrics.jsonl").read_text().splitlines()) > 0  # the loss history is kept
+
+    # The same check passes draws that read as real images do, and fails a label off.
+    fitted, matrix = load_run(run), WriterMatrix(load_dataset(real_digits_half))
+    data = matrix.data
+
+    def real_images(shift):
+        def draw(cells, n, seed, rngs=None):
+            labels = [(lab + shift) % 10 for _, lab in cells]
+            mine = [np.flatnonzero((data.writers == w) & (data.labels == lab))
+                    for (w, _), lab in zip(cells, labels)]  # fmt: skip
+            other = [np.flatnonzero(data.labels == lab)[:n] for lab in labels]
+            return [data.images[np.resize(m if len(m) else o, n)] for m, o in zip(mine, other)]
+
+        return draw
+
+    monkeypatch.setattr(fitted, "_generate_cells", real_images(0))
+    ok = fitted.evaluate(matrix)
+    assert "warnings" not in ok and ok["draw_check"]["draw_label_acc"] > 0.9
+    monkeypatch.setattr(fitted, "_generate_cells", real_images(1))
+    assert len(fitted.evaluate(matrix)["warnings"]) == 1
     assert main(["fill", "--run", str(run), "--missing", "--per-cell", "2", "--out", str(out),
                  "--no-progress"]) == 0  # fmt: skip
     filled = load_dataset(out)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MATRIX_FILE = "matrix.json"
+HISTORY_FILE = "metrics.jsonl"  # the loss history of a fit, one line a logged step
 FILL_CHUNK = 256  # cells per generate_cells call in fill(): big batches, a live progress bar
 FILL_IMAGES = 16_384  # images per generate_cells call at most: memory flat at any --per-cell
 # Images per forward pass at inference. Small enough for the first layers' activations to stay in
@@ -494,6 +495,17 @@ def fill_new_writers(
     if not parts:
         raise DataError("nothing to fill: the reference writers already have every label")
     return Dataset.concat(parts)
+
+
+def write_history(path: Path, histories: dict) -> None:
+    """A fit's loss histories ({model: {"step": [...], loss: [...]}}) as JSON lines."""
+    with open(path, "w") as f:
+        for name, h in histories.items():
+            keys = [k for k in h if k != "step"]
+            for i, step in enumerate(h["step"]):
+                f.write(
+                    json.dumps({"model": name, "step": step, **{k: h[k][i] for k in keys}}) + "\n"
+                )
 
 
 def write_json(path: Path, blob: Any) -> None:
