@@ -392,11 +392,12 @@ def run_bench(
         echo(f"{name}: MRR {row['mrr']:.3f}, top-1 {row['top1']:.3f}, "
              f"label acc {row['label_accuracy']:.3f}, FID {row['fid']:.2f} "
              f"(fit {fit_s:.0f} s, fill {fill_s:.2f} s)")  # fmt: skip
-        warning = collapse_warning(name, row, rows["ceiling (real)"], out_dir / "runs" / name)
+        warning = collapse_warning(name, row, rows["ceiling (real)"])
         if warning:
             row["warning"] = warning
-            log.warning(warning)
-            echo(f"warning: {warning}")
+            history = out_dir / "runs" / name / HISTORY_FILE
+            log.warning("%s (loss history: %s)", warning, history)
+            echo(f"warning: {warning} (loss history: {history})")
 
     if cas is not None:
         _cas_references(rows, cas, scorer, fills)
@@ -445,7 +446,7 @@ def run_bench(
     return results
 
 
-def collapse_warning(name: str, row: dict, ceiling: dict, run_dir: Path) -> str | None:
+def collapse_warning(name: str, row: dict, ceiling: dict) -> str | None:
     """A warning when the judge reads a method's fills as their label COLLAPSE_GAP less often
     than the hidden cells' real images (a collapsed fit, not just a weak method)."""
     acc, real = row["label_accuracy"], ceiling["label_accuracy"]
@@ -453,8 +454,8 @@ def collapse_warning(name: str, row: dict, ceiling: dict, run_dir: Path) -> str 
         return None
     return (
         f"the judge reads only {acc:.0%} of {name}'s fills as their label (the hidden cells' "
-        f"real images: {real:.0%}): its fit has likely collapsed; its loss history is in "
-        f"{run_dir / HISTORY_FILE}"
+        f"real images: {real:.0%}): its fit has likely collapsed, or it is not trained enough "
+        f"(its loss history is kept beside its run in runs/{name}/{HISTORY_FILE})"
     )
 
 

@@ -121,13 +121,13 @@ def test_bench_cli_refuses_bad_sets(tiny_npz, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_collapsed_row_is_flagged_in_the_results(tmp_path):
+def test_a_collapsed_row_is_flagged_in_the_results():
     """Stop 36's collapsed seed-5 fit: the judge read 0.61 of its fills as their label, 0.98 of
     the real images; a weak but working method (0.90) is not flagged."""
     ceiling = {"label_accuracy": 0.98}
-    assert collapse_warning("m", {"label_accuracy": 0.90}, ceiling, tmp_path) is None
-    warning = collapse_warning("m", {"label_accuracy": 0.61}, ceiling, tmp_path)
-    assert "61% of m's fills" in warning and str(tmp_path / "metrics.jsonl") in warning
+    assert collapse_warning("m", {"label_accuracy": 0.90}, ceiling) is None
+    warning = collapse_warning("m", {"label_accuracy": 0.61}, ceiling)
+    assert "61% of m's fills" in warning and "runs/m/metrics.jsonl" in warning
     results = {
         "config": {"per_cell": 2, "seed": 0},
         "hidden_cells": [{}],
