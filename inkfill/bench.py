@@ -28,7 +28,7 @@ from .completion import PrototypeRegression, cell_prototypes
 from .config import BenchConfig, FeatureConfig, InkfillError
 from .data import Dataset, HiddenCell, WriterMatrix, atomic_path, file_mode, to_model
 from .methods import fill, method_class, reference_methods
-from .methods.base import HISTORY_FILE, write_history, write_json
+from .methods.base import COLLAPSE_GAP, HISTORY_FILE, write_history, write_json
 from .models import FeatureNet
 from .plots import save_bar_chart, save_hidden_cells
 from .progress import tqdm
@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 
 FEATURE_VERSION = 1  # bump when FeatureNet or its training changes, to invalidate caches
 CAS_SEED = 1_000_003  # the train-on-fills backbone: the judge's recipe with another seed
-# A method whose fills the judge reads as their label this much less often than the hidden cells'
-# real images gets a warning: a collapsed fit, not just a weak method (seed 5 of stop 36: 0.61).
-COLLAPSE_GAP = 0.1
 
 
 def cache_dir() -> Path:

@@ -32,6 +32,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MATRIX_FILE = "matrix.json"
 HISTORY_FILE = "metrics.jsonl"  # the loss history of a fit, one line a logged step
+# Fills read as their label this much less often than real images: a collapsed fit, not just a
+# weak method (completion-gan's draw check, the bench's rows; stop 36's collapse: 0.61 vs 0.98).
+COLLAPSE_GAP = 0.1
 FILL_CHUNK = 256  # cells per generate_cells call in fill(): big batches, a live progress bar
 FILL_IMAGES = 16_384  # images per generate_cells call at most: memory flat at any --per-cell
 # Images per forward pass at inference. Small enough for the first layers' activations to stay in

@@ -41,7 +41,7 @@ from ..models import (
 )
 from ..progress import tqdm
 from ..train import EMA, CellLoss, recalibrate_batch_norm, train_personal_gan
-from .base import Method, cell_generator, cell_seed, save_generator_figures
+from .base import COLLAPSE_GAP, Method, cell_generator, cell_seed, save_generator_figures
 from .personal import _CellSampler, _PersonalGAN, embed_images, train_classifier
 
 
@@ -663,7 +663,6 @@ PREDICTOR_EPOCHS = 12
 BANK_PER_LABEL = 4_000  # training embeddings of each label a run keeps for herd_to="neighbours"
 ENERGY_REAL = 8  # real images of a cell the energy term compares its draws with
 CHECK_CELLS, CHECK_PER_CELL = 200, 8  # the draw check after a fit: observed cells, draws each
-COLLAPSE_GAP = 0.1  # draws read as their label this much less often than real images: a warning
 
 
 def herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
