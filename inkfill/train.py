@@ -174,6 +174,19 @@ class Game:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def _frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    """No gradients for `params` inside: G's backward passes through D to the images without
+    computing D's weight gradients, which G's step never reads (the next D step clears them)."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def adversarial(
     game: Game,
     *,
@@ -218,10 +231,11 @@ def adversarial(
         distributed.average_gradients(game.d_params)
         opt_d.step()
 
-        with autocast(device, bf16):
-            loss_g, more = game.g_loss(batch, state)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        with _frozen(game.d_params):
+            with autocast(device, bf16):
+                loss_g, more = game.g_loss(batch, state)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
         distributed.average_gradients(g_params)
         opt_g.step()
         if ema is not None:
