@@ -190,9 +190,9 @@ def test_torchrun_kill_9_then_resume_matches_an_uninterrupted_fit(tiny_npz, tmp_
     from safetensors.torch import load_file
 
     def fit(out):
-        return ["fit", *CG_ARGS, "--steps", "120", "--data", str(tiny_npz),
+        return ["fit", *CG_ARGS, "--steps", "60", "--data", str(tiny_npz),
                 "--out", str(out), "--device", "cpu", "--no-progress", "--figures", "none",
-                "--checkpoint-every", "20"]  # fmt: skip
+                "--checkpoint-every", "10"]  # fmt: skip
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -202,7 +202,7 @@ def test_torchrun_kill_9_then_resume_matches_an_uninterrupted_fit(tiny_npz, tmp_
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     current = tmp_path / ".run.partial" / "checkpoint" / "current.safetensors"
     deadline, step = time.time() + 120, 0
-    while time.time() < deadline and proc.poll() is None and step < 40:
+    while time.time() < deadline and proc.poll() is None and step < 20:
         try:
             with safe_open(str(current), "pt") as f:
                 meta = json.loads(f.metadata()["inkfill"])
