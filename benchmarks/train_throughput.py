@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py [--data femnist_digits.npz] [--steps 40] [--repeats 3]
     python benchmarks/train_throughput.py --quality 1500   # also: FID after equal training
+    python benchmarks/train_throughput.py --skip-dcgan --methods completion-gan --fp32 no \
+        --variant default --variant r1_every=4    # a method's step under config variants
 
 Images/s counts the images the generator draws per training step (the batch for a DCGAN; cells x
 samples per cell, plus reconstructions, for the personal generators), divided by the wall time of
@@ -14,6 +16,7 @@ The yardstick is the loop most PyTorch users would write: the DCGAN of Radford e
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -27,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inkfill import train as train_module  # noqa: E402
+from inkfill.cli import _parse_sets  # noqa: E402
 from inkfill.data import load_dataset, to_model  # noqa: E402
 from inkfill.methods import collagan as collagan_module  # noqa: E402
 from inkfill.methods import completion as completion_module  # noqa: E402
@@ -149,7 +153,8 @@ def dcgan_rows(real, args):
 
 
 def method_rows(matrix, args):
-    """Time the training loop inside each personal method's real fit (setup excluded)."""
+    """Time the training loop inside each personal method's real fit (setup excluded), for each
+    precision and config variant asked for."""
     rows = []
     specs = [
         ("embed-gan", personal_module, "train_personal_gan"),
@@ -157,43 +162,54 @@ def method_rows(matrix, args):
         ("completion-gan", completion_module, "train_personal_gan"),
         ("collagan", collagan_module, "train_collagan"),
     ]
-    for name, module, fn_name in specs:
-        for bf16 in (False, True):
-            original = getattr(module, fn_name)
-            measured = {}
+    wanted = args.methods.split(",")
+    precisions = (True,) if args.fp32 == "no" else (False, True)
+    for (name, module, fn_name), bf16, variant in itertools.product(
+        [spec for spec in specs if spec[0] in wanted], precisions, args.variant
+    ):
+        sets = (
+            {}
+            if variant == "default"
+            else _parse_sets([f"{name}.{kv}" for kv in variant.split(",")])
+        )
+        original = getattr(module, fn_name)
+        measured = {}
 
-            def wrapper(*a, original=original, measured=measured, fn_name=fn_name, **kw):
-                sample = a[4] if fn_name == "train_personal_gan" else a[2]
-                kw_run = dict(kw)
-                history = None
+        def wrapper(*a, original=original, measured=measured, fn_name=fn_name, **kw):
+            sample = a[4] if fn_name == "train_personal_gan" else a[2]
+            kw_run = dict(kw)
+            history = None
 
-                def run(steps):
-                    nonlocal history
-                    kw_run["steps"] = steps
-                    history = original(*a, **kw_run)
+            def run(steps):
+                nonlocal history
+                kw_run["steps"] = steps
+                history = original(*a, **kw_run)
 
-                measured["t"] = timed(run, args.steps, args.repeats)
-                b = len(sample()["labels" if fn_name == "train_personal_gan" else "target_col"])
-                if fn_name == "train_personal_gan":  # the draws and the reconstructions
-                    measured["images"] = b * kw["samples_per_cell"] + b
-                else:  # the target and the cycle's redraw
-                    measured["images"] = 2 * b
-                return history
+            measured["t"] = timed(run, args.steps, args.repeats)
+            b = len(sample()["labels" if fn_name == "train_personal_gan" else "target_col"])
+            if fn_name == "train_personal_gan":  # the draws and the reconstructions
+                measured["images"] = b * kw["samples_per_cell"] + b
+            else:  # the target and the cycle's redraw
+                measured["images"] = 2 * b
+            return history
 
-            setattr(module, fn_name, wrapper)
-            try:
-                cls = method_class(name)
-                params = {"bf16": bf16, "steps": args.steps, "classifier_epochs": 1}
-                if name == "collagan":
-                    params.pop("classifier_epochs")
-                method = cls(**params)
-                method.fit(matrix)
-            finally:
-                setattr(module, fn_name, original)
-            t = measured["t"]
-            label = f"{name}, {'bf16' if bf16 else 'fp32'}"
-            rows.append((label, measured["images"], t))
-            print(f"  {label}: {measured['images'] / t:,.0f} images/s", flush=True)
+        setattr(module, fn_name, wrapper)
+        try:
+            params = {"bf16": bf16, "steps": args.steps, "classifier_epochs": 1}
+            if name == "collagan":
+                params.pop("classifier_epochs")
+            method_class(name)(**{**params, **sets.get(name, {})}).fit(matrix)
+        finally:
+            setattr(module, fn_name, original)
+        t = measured["t"]
+        label = f"{name}, {'bf16' if bf16 else 'fp32'}" + (
+            "" if variant == "default" else f", {variant}"
+        )
+        rows.append((label, measured["images"], t))
+        print(
+            f"  {label}: {measured['images'] / t:,.0f} images/s ({t * 1000:.0f} ms a step)",
+            flush=True,
+        )
     return rows
 
 
@@ -231,7 +247,15 @@ def main():
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
     p.add_argument("--quality", type=int, default=0, metavar="STEPS")
     p.add_argument("--skip-methods", action="store_true")
+    p.add_argument("--skip-dcgan", action="store_true", help="only the methods' rows")
+    p.add_argument("--methods", default="embed-gan,encoder-gan,completion-gan,collagan")
+    p.add_argument("--fp32", choices=("yes", "no"), default="yes", help="also time in fp32")
+    p.add_argument(
+        "--variant", action="append", metavar="PARAM=VALUE[,...]",
+        help="config settings of the methods' rows (repeatable; 'default': none)",
+    )  # fmt: skip
     args = p.parse_args()
+    args.variant = args.variant or ["default"]
     torch.set_num_threads(os.cpu_count() or 1)
     data = load_dataset(args.data)
     from inkfill.data import WriterMatrix
@@ -243,13 +267,14 @@ def main():
         f"median of {args.repeats} x {args.steps} steps",
         flush=True,
     )
-    rows, base = dcgan_rows(real, args)
+    rows, base = ([], None) if args.skip_dcgan else dcgan_rows(real, args)
     if not args.skip_methods:
         rows += method_rows(matrix, args)
     print("\n| model | images/step | steps/s | images/s | vs reference |")
     print("|---|---:|---:|---:|---:|")
     for name, images, t in rows:
-        print(f"| {name} | {images} | {1 / t:.1f} | {images / t:,.0f} | {images / t / base:.2f}x |")
+        ratio = "" if base is None else f"{images / t / base:.2f}x"
+        print(f"| {name} | {images} | {1 / t:.1f} | {images / t:,.0f} | {ratio} |")
     if args.quality:
         from inkfill.bench import split_reference, train_judge
         from inkfill.config import FeatureConfig
