@@ -177,13 +177,15 @@ class Game:
 @contextlib.contextmanager
 def _frozen(params: list[nn.Parameter]) -> Iterator[None]:
     """No gradients for `params` inside: G's backward passes through D to the images without
-    computing D's weight gradients, which G's step never reads (the next D step clears them)."""
-    for p in params:
+    computing D's weight gradients, which G's step never reads (the next D step clears them).
+    Only those that took gradients are frozen, and only they are thawed after."""
+    trained = [p for p in params if p.requires_grad]
+    for p in trained:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in params:
+        for p in trained:
             p.requires_grad_(True)
 
 
