@@ -52,7 +52,9 @@ class _StyleSpace(Method):
 
     def _fit_space(self, matrix: WriterMatrix, progress: bool) -> None:
         with self._phase("classifier"):
-            self.classifier_ = train_classifier(self, matrix, progress, self.classifier_width)
+            self.classifier_ = train_classifier(
+                self, matrix, progress, self.classifier_width, bf16=self.classifier_bf16
+            )
         with self._phase("embeddings"):
             emb = embed_images(self.classifier_, matrix.data.images, self.device_).cpu().numpy()
         with self._phase("regressions"):

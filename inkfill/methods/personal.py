@@ -279,12 +279,13 @@ class _PersonalGAN(Method):
 
 
 def train_classifier(
-    method: Method, matrix: WriterMatrix, progress: bool, width: int = 16
+    method: Method, matrix: WriterMatrix, progress: bool, width: int = 16, bf16: bool = False
 ) -> FeatureNet:
     """A label+writer classifier on the training images (the seed's A2 network, "trained for
     domain classification", with a writer head): its embedding is the space of the feature
     loss, and, with encoder="classifier", of the style code. Frozen after training; a finished
-    stage of an interrupted fit is loaded instead of trained."""
+    stage of an interrupted fit is loaded instead of trained. `bf16`: trained under bf16
+    autocast where native (train_feature_net)."""
     net = FeatureNet(matrix.n_labels, matrix.n_writers, width=width, dim=128).to(method.device_)
     x = ModelImages(matrix.data.images, method.device_)
     cols = torch.as_tensor(matrix.cols, device=method.device_)
@@ -299,7 +300,9 @@ def train_classifier(
             torch.random.fork_rng(devices=[]),
             tqdm(total=steps, desc=f"{method.name} classifier", disable=not progress) as bar,
         ):
-            history = train_feature_net(net, x, cols, rows, epochs=epochs, rng=rng, progress=bar)
+            history = train_feature_net(
+                net, x, cols, rows, epochs=epochs, rng=rng, progress=bar, bf16=bf16
+            )
         method._finish("classifier", {"net": net}, history)
     for p in net.parameters():
         p.requires_grad_(False)
