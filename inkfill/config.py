@@ -47,8 +47,8 @@ BF16_HELP = (
 CLASSIFIER_BF16_HELP = (
     "train the style classifier under bfloat16 autocast where the device computes it natively "
     "(1.6x faster on a CPU with AVX-512 BF16: 185 s against 293 s on femnist_digits; the same "
-    "style space by predicted-retrieval's bench row on seed 7; off by default: two completion-gan "
-    "fits with it scored lower MRR and FID, within one fit's noise)"
+    "style space by predicted-retrieval's bench row on seed 7; off by default until more fits "
+    "settle it: of three completion-gan fits with it, two scored lower MRR, one higher)"
 )
 RANK_STEPS_HELP = (
     "steps refining each label's regression for picking the writer out (InfoNCE over the "
