@@ -362,7 +362,9 @@ class PosteriorEncoder(nn.Module):
 
 class PersonalGenerator(nn.Module):
     """(z (B, nz), style (B, style_dim), labels (B,)) -> image: a FiLMGenerator whose condition is
-    the writer's style code beside a learned label embedding."""
+    the writer's style code beside a learned label embedding. With a `support` mask (28, 28),
+    pixels outside it are background (-1) in every draw: the generator can only put ink where
+    the scans have it (a buffer, so a run's tensors say whether its generator has one)."""
 
     def __init__(
         self,
@@ -373,15 +375,25 @@ class PersonalGenerator(nn.Module):
         label_dim: int = 32,
         head: int = 0,
         blur: bool = False,
+        support: torch.Tensor | None = None,
     ):
         super().__init__()
         self.nz = nz
         self.label_embed = nn.Embedding(n_labels, label_dim)
         nn.init.normal_(self.label_embed.weight, 0.0, 1.0)
         self.net = FiLMGenerator(nz, style_dim + label_dim, ngf, head, blur)
+        if support is not None:
+            self.register_buffer(
+                "support", torch.as_tensor(support, dtype=torch.float32)[None, None]
+            )
+        else:
+            self.support = None
 
     def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.net(z, torch.cat([style, self.label_embed(labels)], dim=1))
+        x = self.net(z, torch.cat([style, self.label_embed(labels)], dim=1))
+        if self.support is None:
+            return x
+        return torch.addcmul(self.support - 1, x, self.support)  # x inside, -1 outside
 
 
 class CollaGenerator(nn.Module):

@@ -163,7 +163,7 @@ def test_every_help_prints(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: inkfill")
     if command == "fit":
-        assert "--head" in out and "fit +32%)" in out
+        assert "--head" in out and "step +31%)" in out
 
 
 def test_data_summary_on_real_digits(real_digits, tmp_path, capsys):
