@@ -383,6 +383,11 @@ class CompletionGANConfig:
         "everywhere; 0.001 on bench seed 7: FID -0.9, label CAS +0.7 points, MRR +0.021)",
     )
     ndf: int = param(32, "discriminator width")
+    stem: int = param(
+        0,
+        "channels of a stride-1 3x3 convolution the discriminator applies at 28x28, before its "
+        "stride-2 trunk, so that it judges stroke edges (0: none)",
+    )
     steps: int = param(
         0, "training steps; 0: adapt to the data (20 passes over the observed cells, 1k-10k)"
     )
@@ -463,6 +468,12 @@ class CompletionGANConfig:
         "neighbours, this far (0-1) from the cell's predicted code toward it (0: every image in "
         "the cell's predicted style)",
     )
+    label_floor: float = param(
+        0.0,
+        "sampling: candidates whose label the run's classifier gives less than this probability "
+        "(read from the draw predictor's embedding, or the drawn image with herd=rendered) are "
+        "not kept; if fewer pass than a block needs, its most probable ones are (0: off)",
+    )
     ink_floor: int = param(
         10,
         "sampling: pixels fainter than this (of 255) are drawn as background, 0 as in the scans "
@@ -501,8 +512,8 @@ class CompletionGANConfig:
             raise InkfillError("--batch-cells must be >= 1 and --samples-per-cell >= 2")
         if self.steps < 0 or self.shift < 0 or not self.truncation > 0:
             raise InkfillError("--steps and --shift must be >= 0 and --truncation > 0")
-        if self.head < 0:
-            raise InkfillError("--head must be >= 0 (0: no last stage at 28x28)")
+        if self.head < 0 or self.stem < 0:
+            raise InkfillError("--head and --stem must be >= 0 (0: no stage at 28x28)")
         if self.herd not in ("predicted", "rendered"):
             raise InkfillError(f"--herd must be 'predicted' or 'rendered', not {self.herd!r}")
         if self.herd_to not in ("mean", "neighbours"):
@@ -511,6 +522,8 @@ class CompletionGANConfig:
             raise InkfillError("--neighbours must be at least 2")
         if not self.style_spread >= 0:
             raise InkfillError("--style-spread must be >= 0 (0: one style per cell)")
+        if not 0 <= self.label_floor < 1:
+            raise InkfillError("--label-floor must be within [0, 1) (0: off)")
         if not 0 <= self.ink_floor <= 255:
             raise InkfillError("--ink-floor must be within 0-255 (0: off)")
         if not 0 <= self.margin <= 13:

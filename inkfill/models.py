@@ -300,13 +300,21 @@ class PersonalDiscriminator(nn.Module):
 
     Projection discriminator on the label and (optionally) on the writer's style code, so it
     judges (image, writer, label); an auxiliary head classifies the label (AC-GAN). A minibatch
-    standard-deviation feature (Karras et al. 2018) lets it see a batch of identical fakes.
+    standard-deviation feature (Karras et al. 2018) lets it see a batch of identical fakes. With
+    `stem` > 0, a stride-1 3x3 convolution of `stem` channels reads the image at 28x28 before the
+    stride-2 DCGAN trunk (whose first 4x4 filter otherwise sees each pixel in only 4 places).
     """
 
-    def __init__(self, n_labels: int, style_dim: int = 0, ndf: int = 32, group: int = 4):
+    def __init__(
+        self, n_labels: int, style_dim: int = 0, ndf: int = 32, group: int = 4, stem: int = 0
+    ):
         super().__init__()
         self.group = group
         self.features = Discriminator(ndf).features  # the DCGAN trunk: (B, 2ndf*49)
+        if stem:  # a stride-1 stage at 28x28 before the trunk, which then reads its channels
+            self.features[0] = nn.Conv2d(stem, ndf, 4, 2, 1)
+            stage = [nn.Conv2d(1, stem, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True)]
+            self.features = nn.Sequential(*stage, *self.features)
         n_features = ndf * 2 * 49
         self.out = nn.Linear(n_features + 1, 1)
         self.label_embed = nn.Embedding(n_labels, n_features)

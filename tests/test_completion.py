@@ -570,7 +570,8 @@ def test_bad_hyperparameters_are_refused():
     for bad in ({"samples_per_cell": 1}, {"predicted_share": 1.5}, {"nce_weight": -1.0},
                 {"classifier_epochs": -1}, {"herd": "both"}, {"predictor_draws": -1},
                 {"head": -1}, {"ink_floor": 256}, {"margin": -1}, {"margin": 14},
-                {"support": -0.1}, {"support": 1.0}):  # fmt: skip
+                {"support": -0.1}, {"support": 1.0}, {"stem": -1}, {"label_floor": 1.0},
+                {"label_floor": -0.1}):  # fmt: skip
         with pytest.raises(InkfillError):
             _ = CompletionGAN(**bad).config
     for bad in ({"rank_steps": -1}, {"rank_temperature": 0.0}):
@@ -866,6 +867,57 @@ def test_kernel_herd_matches_the_targets_spread_not_only_its_mean():
         spread = emb[b, picks[b]].std(0).mean()
         assert spread < emb[b, mean_picks[b]].std(0).mean()
     assert sorted(kernel_herd(emb, target, 200)[0].tolist()) == list(range(200))
+
+
+def test_herding_never_picks_an_excluded_candidate():
+    gen = torch.Generator().manual_seed(4)
+    emb = torch.randn(3, 60, 5, generator=gen)
+    target = torch.randn(3, 12, 5, generator=gen)
+    exclude = torch.rand(3, 60, generator=gen) < 0.5
+    exclude[:, :10] = False  # at least 10 left in each set
+    for picks in (kernel_herd(emb, target, 10, exclude), herd(emb, target.mean(1), 10, exclude)):
+        assert picks.shape == (3, 10)
+        for b in range(3):
+            assert len(set(picks[b].tolist())) == 10
+            assert not exclude[b, picks[b]].any()
+    # nothing excluded: the same picks as without the argument
+    none = torch.zeros(3, 60, dtype=torch.bool)
+    assert torch.equal(kernel_herd(emb, target, 10, none), kernel_herd(emb, target, 10))
+    # the last candidates left are all taken
+    only = torch.ones(3, 60, dtype=torch.bool)
+    only[:, 50:] = False
+    assert sorted(herd(emb, target.mean(1), 10, only)[1].tolist()) == list(range(50, 60))
+
+
+@pytest.mark.parametrize("how", ["rendered", "predicted"])
+def test_label_floor_keeps_the_candidates_the_classifier_reads_as_their_label(plain, matrix, how):
+    from inkfill.methods.personal import embed_images
+
+    fitted = plain
+    floor = 0.999_999  # above all but the most probable: every cell keeps its top n
+    with _sampling(fitted, herd=how, style_spread=0.0):
+        code, cols, z, pool = _cell_pool(fitted, matrix, 32)
+        if how == "rendered":  # what herding scores a candidate by
+            with fitted._inference():
+                emb = embed_images(fitted.classifier_, pool, "cpu")[None]
+        else:
+            style = fitted._styles(code, cols).cpu()
+            emb = fitted._predict_draws(z, style, torch.from_numpy(cols))
+        with _sampling(fitted, label_floor=floor):
+            kept = fitted._herded(z, code, cols, 8)[0]
+    with fitted._inference():
+        prob = fitted.classifier_.label_head(emb).float().softmax(-1)[0, :, cols[0]]
+    index = [int(np.flatnonzero((pool == k).all(axis=(1, 2)))[0]) for k in kept]
+    # the 8 most probable (up to float noise between two batchings of the same embeddings)
+    assert len(set(index)) == 8
+    assert float(prob[index].min()) >= float(prob.topk(8).values[-1]) - 1e-5, prob
+    with _sampling(fitted, label_floor=floor):
+        unlikely = fitted._unlikely(emb, torch.from_numpy(cols), 8)
+    # all under the floor but the 8 best (and any tied with the 8th), which are kept
+    eighth = prob.topk(8).values[-1]
+    assert torch.equal(unlikely[0], prob < eighth) and int(unlikely.sum()) >= 20
+    with _sampling(fitted, label_floor=float(prob.min()) / 2):  # every candidate above it
+        assert not fitted._unlikely(emb, torch.from_numpy(cols), 8).any()
 
 
 def test_lower_median_is_torch_median_and_herding_does_not_depend_on_the_batch():

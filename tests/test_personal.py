@@ -335,3 +335,26 @@ def test_discriminator_batch_spread_is_the_groups_feature_std_with_finite_second
     (second,) = torch.autograd.grad(grad.square().sum(), same)
     assert torch.isfinite(grad).all() and torch.isfinite(second).all()
     assert disc._batch_spread(torch.randn(6, 50)).abs().sum() == 0  # 6 images: no groups of 4
+
+
+def test_discriminator_stem_reads_the_image_at_full_size_before_the_trunk():
+    """With a stem, the first layer is a stride-1 3x3 convolution at 28x28 and the trunk reads
+    its channels; the outputs keep their shapes and a one-pixel change reaches the logit."""
+    from inkfill.models import PersonalDiscriminator
+
+    plain = PersonalDiscriminator(10, style_dim=6, ndf=4)
+    stem = PersonalDiscriminator(10, style_dim=6, ndf=4, stem=5)
+    first = stem.features[0]
+    assert (first.in_channels, first.out_channels, first.kernel_size, first.stride) == (
+        1, 5, (3, 3), (1, 1),
+    )  # fmt: skip
+    assert stem.features[2].in_channels == 5 and stem.features[2].stride == (2, 2)
+    assert len(stem.features) == len(plain.features) + 2
+    images = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    labels, style = torch.arange(8) % 10, torch.randn(8, 6)
+    stem.eval()
+    logit, label_logits = stem(images, labels, style)
+    assert logit.shape == (8,) and label_logits.shape == (8, 10)
+    moved = images.clone()
+    moved[:, 0, 14, 14] += 1.0
+    assert not torch.equal(stem(moved, labels, style)[0], logit)

@@ -228,7 +228,8 @@ class CompletionGAN(_StyleSpace):
                 head=self.head, blur=self.blur, support=support,
             ).to(dev)  # fmt: skip
             self.style_ = CodeStyle(k, n_labels, self.style_dim).to(dev)
-            disc = PersonalDiscriminator(n_labels, self.style_dim, self.ndf).to(dev)
+            disc = PersonalDiscriminator(n_labels, self.style_dim, self.ndf, stem=self.stem)
+            disc = disc.to(dev)
             posterior = None
             if self.recon_weight > 0:
                 posterior = PosteriorEncoder(n_labels, self.style_dim, self.nz, self.ndf).to(dev)
@@ -564,11 +565,15 @@ class CompletionGAN(_StyleSpace):
                     )
                     with self._inference():
                         emb = embed_images(self.classifier_, images, self.device_)
-                code = (emb.reshape(g, b * per, -1) - mean) @ components.T  # the code space
+                emb = emb.reshape(g, b * per, -1)
+                code = (emb - mean) @ components.T  # the code space
+                unlikely = None
+                if self.label_floor > 0:
+                    unlikely = self._unlikely(emb, labels[s : s + step], b)
                 if spread is not None:
-                    picks = kernel_herd(code, spread[s : s + step], b).cpu()
+                    picks = kernel_herd(code, spread[s : s + step], b, unlikely).cpu()
                 else:
-                    picks = herd(code, target[s : s + step], b).cpu()
+                    picks = herd(code, target[s : s + step], b, unlikely).cpu()
                 rows = torch.arange(g)[:, None]
                 if predicted:
                     kept_z[s : s + step, start : start + b] = part[rows, picks]
@@ -587,6 +592,18 @@ class CompletionGAN(_StyleSpace):
             images = self._draw(kept_z.reshape(-1, nz), flat_style, labels.repeat_interleave(n))
             out = images.reshape(n_cells, n, 28, 28)
         return out
+
+    def _unlikely(self, emb: torch.Tensor, labels: torch.Tensor, keep: int) -> torch.Tensor:
+        """(C, M) bool, True for the candidates herding must pass over: of C cells' M candidate
+        embeddings (C, M, dim) of label columns `labels` (C,), those to which the run's
+        classifier gives their label a probability under `label_floor`, all but each cell's
+        `keep` most probable ones at most."""
+        with self._inference():
+            logits = self.classifier_.label_head(emb.to(self.device_)).float()
+        index = labels.to(logits.device)[:, None, None].expand(-1, emb.shape[1], 1)
+        prob = logits.softmax(-1).gather(-1, index)[..., 0]  # (C, M)
+        floor = prob.topk(keep, dim=1).values[:, -1:].clamp_max(self.label_floor)
+        return prob < floor
 
     def _predict_draws(self, z, style, labels, which=None, chunk: int = 8192) -> torch.Tensor:
         """The draw predictor's embeddings (C, M, dim) of C cells' M candidates each (z (C, M,
@@ -676,18 +693,20 @@ ENERGY_REAL = 8  # real images of a cell the energy term compares its draws with
 CHECK_CELLS, CHECK_PER_CELL = 200, 8  # the draw check after a fit: observed cells, draws each
 
 
-def herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+def herd(
+    emb: torch.Tensor, target: torch.Tensor, n: int, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, M) -> (B, n) indices: for each of B sets of M candidate embeddings (B, M, d), n of
     them picked greedily, each the one that brings the picked set's mean nearest the set's
-    target (B, d) (herding, Welling 2009). Computed in float64 so that ties break alike in any
-    batch."""
+    target (B, d) (herding, Welling 2009); never those `exclude` (B, M) marks (at least n of
+    each set must be left). Computed in float64 so that ties break alike in any batch."""
     emb = emb.double()
     target = target.to(emb)
     # |(total + e) / (k + 1) - target|^2 is least where |e|^2 - 2 e.(r) is, with
     # r = (k + 1) target - total: one (B, M) product a step, never a (B, M, d) one.
     sq = emb.square().sum(-1)
     total = torch.zeros_like(target)
-    taken = torch.zeros(emb.shape[:2], dtype=torch.bool, device=emb.device)
+    taken = _untaken(emb, exclude)
     every = torch.arange(len(emb), device=emb.device)
     picks = []
     for k in range(n):
@@ -702,12 +721,14 @@ def herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(picks, 1)
 
 
-def kernel_herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+def kernel_herd(
+    emb: torch.Tensor, target: torch.Tensor, n: int, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, M) -> (B, n) indices: for each of B sets of M candidate embeddings (B, M, d), n of
     them picked greedily so that the picked set's distribution is nearest that of the set's K
     target samples (B, K, d) in maximum mean discrepancy (kernel herding, Chen et al. 2010),
-    with a Gaussian kernel whose width is the median candidate-to-target distance of the set.
-    Computed in float64, like herd()."""
+    with a Gaussian kernel whose width is the median candidate-to-target distance of the set;
+    never those `exclude` (B, M) marks. Computed in float64, like herd()."""
     emb, target = emb.double(), target.to(emb.device).double()
     sq = emb.square().sum(-1)  # (B, M)
     # (B, M, K) squared distances, made and then turned into kernel values in place: at 256
@@ -720,7 +741,7 @@ def kernel_herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor
     # MMD^2 of the picked set S plus x, |S| = k, up to terms free of x, times (k + 1)^2 / 2:
     # sum_{s in S} K(x, s) - (k + 1) pull(x) (K(x, x) = 1 for every x).
     push = torch.zeros_like(pull)
-    taken = torch.zeros(emb.shape[:2], dtype=torch.bool, device=emb.device)
+    taken = _untaken(emb, exclude)
     every = torch.arange(len(emb), device=emb.device)
     picks = []
     for k in range(n):
@@ -733,6 +754,13 @@ def kernel_herd(emb: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor
     if not picks:
         return torch.zeros(len(emb), 0, dtype=torch.long)
     return torch.stack(picks, 1)
+
+
+def _untaken(emb: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    """Herding's (B, M) "taken" mask at the start: the excluded candidates, or none."""
+    if exclude is None:
+        return torch.zeros(emb.shape[:2], dtype=torch.bool, device=emb.device)
+    return exclude.to(emb.device, torch.bool).clone()
 
 
 def _lower_median(x: torch.Tensor) -> torch.Tensor:
