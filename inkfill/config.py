@@ -387,7 +387,7 @@ class CompletionGANConfig:
         16,
         "channels of a stride-1 3x3 convolution the discriminator applies at 28x28, before its "
         "stride-2 trunk, so that it judges stroke edges (0: none; 16 against 0 on bench seeds 7 "
-        "and 5: label CAS +1.2 points on both, MRR, FID and writer CAS within noise; fit +20%)",
+        "and 5: label CAS +1.2 points on both; MRR, FID and writer CAS moved either way; fit +20%)",
     )
     steps: int = param(
         0, "training steps; 0: adapt to the data (20 passes over the observed cells, 1k-10k)"
