@@ -9,6 +9,12 @@ BENCH_DIR is an `inkfill bench --out` directory (hidden cells, not --new-writers
 results.json gives the seed and the number of hidden cells, so the split, the judge and the
 train-on-fills backbone are the bench's own (both cached by the bench; trained again if the cache
 is gone). A variant is a comma-separated list of `fill --sample` settings ("default": none).
+
+--ceiling adds what label CAS could be without a generator: the same network trained on the
+hidden cells' own real images (half A, as the bench's real row, and the whole cell, each drawn
+with replacement to per_cell images a cell) and on as many real images of other cells; and, for
+every row, the errors on the real test images by true label (where fills teach less than real
+images do).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from inkfill.bench import CAS_SEED, Scorer, split_reference, train_judge  # noqa
 from inkfill.cas import TrainOnFills  # noqa: E402
 from inkfill.cli import _apply_sampling  # noqa: E402
 from inkfill.config import FeatureConfig  # noqa: E402
-from inkfill.data import WriterMatrix, load_dataset  # noqa: E402
+from inkfill.data import WriterMatrix, label_name, load_dataset  # noqa: E402
 from inkfill.methods import fill, load_run  # noqa: E402
 from inkfill.methods.personal import embed_images  # noqa: E402
 
@@ -41,6 +47,7 @@ def main():
     p.add_argument("--labels", default="digits")
     p.add_argument("--method", default="completion-gan")
     p.add_argument("--variant", action="append", default=[])
+    p.add_argument("--ceiling", action="store_true", help="label CAS of real images too")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     saved = json.loads((args.bench / "results.json").read_text())
@@ -63,6 +70,20 @@ def main():
     cas = TrainOnFills(reduced, rows, cols, [b for _, b in scorer.halves], backbone.net,
                        train, reference, seed, dev)  # fmt: skip
     cells = [(h.writer, h.label) for h in hidden]
+    errors = {}  # row -> errors on the real test images, by true label
+    if args.ceiling:
+        rng = np.random.default_rng(seed)
+        whole = [np.concatenate([a, b]) for a, b in scorer.halves]
+        real = {
+            "half A": [a[rng.choice(len(a), per_cell)] for a, _ in scorer.halves],
+            "whole cell": [w[rng.choice(len(w), per_cell)] for w in whole],
+        }
+        for name, images in real.items():
+            errors[f"real {name}, drawn to {per_cell}"] = _label_errors(cas, images)
+        print(f"label CAS of the hidden cells' real images ({sum(map(len, whole))} in all):")
+        for name, err in errors.items():
+            print(f"  {name}: {1 - err.sum() / len(cas.label_test[1]):.3f}")
+        print(f"  as many real images of other cells: {cas.label_cas_real(real['half A']):.3f}")
     print(
         "| variant | MRR | label acc | FID | div ratio | feature div ratio "
         "| writer CAS top-1 / top-5 | label CAS | personal: missing / other labels |"
@@ -87,7 +108,25 @@ def main():
                    f"{score['writer_cas_top1']:.3f} / {score['writer_cas_top5']:.3f}",
                    f"{score['label_cas']:.3f}", personal]  # fmt: skip
         print(f"| {variant} | {' | '.join(figures)} |", flush=True)
+        if args.ceiling:
+            errors[variant] = _label_errors(cas, fills)
         print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    if errors:
+        names = [label_name(int(v)) for v in reduced.label_ids]
+        print("\nlabel CAS errors on the real test images, by true label:")
+        print(f"| trained on | {' | '.join(map(str, names))} | all |")
+        print(f"|---|{'---:|' * (len(names) + 1)}")
+        for row, err in errors.items():
+            print(f"| {row} | {' | '.join(map(str, err))} | {err.sum()} |")
+
+
+def _label_errors(cas: TrainOnFills, cells: list[np.ndarray]) -> np.ndarray:
+    """The label CAS network trained on `cells` (one array per hidden cell): how many real test
+    images of each label it gets wrong."""
+    labels = np.repeat(cas.cols, [len(c) for c in cells])
+    truth = cas.label_test[1]
+    wrong = cas.label_predictions(np.concatenate(cells), labels) != truth
+    return np.bincount(truth[wrong], minlength=cas.reduced.n_labels)
 
 
 if __name__ == "__main__":

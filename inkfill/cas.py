@@ -151,12 +151,17 @@ class TrainOnFills:
         return self._label_net(self.reduced.data.images[pick], self.reduced.cols[pick])
 
     def _label_net(self, images: np.ndarray, labels: np.ndarray) -> float:
+        return float((self.label_predictions(images, labels) == self.label_test[1]).mean())
+
+    def label_predictions(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The label CAS network trained on (images, labels): its label columns for the real
+        test images (`label_test`), whose share equal to the truth is the label CAS."""
         # Initialisation and dropout draw from the global generator: seeded here, then restored.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return self._train_label_net(images, labels)
 
-    def _train_label_net(self, images: np.ndarray, labels: np.ndarray) -> float:
+    def _train_label_net(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         net = FeatureNet(self.reduced.n_labels, 1, width=LABEL_WIDTH, dim=64).to(self.device)
         gen = torch.Generator().manual_seed(self.seed)
         x = to_model(images, self.device)
@@ -174,13 +179,12 @@ class TrainOnFills:
             opt.step()
             sched.step()
         net.eval()
-        test_images, test_labels = self.label_test
-        tx = to_model(test_images, self.device)
+        tx = to_model(self.label_test[0], self.device)
         with torch.no_grad():
             pred = torch.cat(
                 [net.label_head(net(tx[s : s + 2048])).argmax(1) for s in range(0, len(tx), 2048)]
             )
-        return float((pred.cpu().numpy() == test_labels).mean())
+        return pred.cpu().numpy()
 
     def personalization(self, fill_emb: list[torch.Tensor] | None) -> dict:
         head = self.backbone.label_head
