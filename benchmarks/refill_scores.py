@@ -14,7 +14,9 @@ is gone). A variant is a comma-separated list of `fill --sample` settings ("defa
 hidden cells' own real images (half A, as the bench's real row, and the whole cell, each drawn
 with replacement to per_cell images a cell) and on as many real images of other cells; and, for
 every row, the errors on the real test images by true label (where fills teach less than real
-images do).
+images do). --swap (implies --ceiling) tells which label's fills cost the most: for each variant
+and label, the network trained on the whole real hidden cells with only that label's cells
+replaced by the variant's fills.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def main():
     p.add_argument("--method", default="completion-gan")
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--ceiling", action="store_true", help="label CAS of real images too")
+    p.add_argument("--swap", action="store_true", help="one label's real cells swapped for fills")
     args = p.parse_args()
+    args.ceiling |= args.swap
     torch.set_num_threads(os.cpu_count() or 1)
     saved = json.loads((args.bench / "results.json").read_text())
     config = saved["config"]
@@ -110,6 +114,10 @@ def main():
         print(f"| {variant} | {' | '.join(figures)} |", flush=True)
         if args.ceiling:
             errors[variant] = _label_errors(cas, fills)
+        for c in np.unique(cols) if args.swap else []:
+            swapped = [f if k == c else w for f, w, k in zip(fills, real["whole cell"], cols)]
+            name = label_name(int(reduced.label_ids[c]))
+            errors[f"{variant}: real cells, {name}'s filled"] = _label_errors(cas, swapped)
         print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     if errors:
         names = [label_name(int(v)) for v in reduced.label_ids]
