@@ -74,6 +74,7 @@ def main():
     cas = TrainOnFills(reduced, rows, cols, [b for _, b in scorer.halves], backbone.net,
                        train, reference, seed, dev)  # fmt: skip
     cells = [(h.writer, h.label) for h in hidden]
+    names = [label_name(int(v)) for v in reduced.label_ids]
     errors = {}  # row -> errors on the real test images, by true label
     if args.ceiling:
         rng = np.random.default_rng(seed)
@@ -116,11 +117,9 @@ def main():
             errors[variant] = _label_errors(cas, fills)
         for c in np.unique(cols) if args.swap else []:
             swapped = [f if k == c else w for f, w, k in zip(fills, real["whole cell"], cols)]
-            name = label_name(int(reduced.label_ids[c]))
-            errors[f"{variant}: real cells, {name}'s filled"] = _label_errors(cas, swapped)
+            errors[f"{variant}: real cells, {names[c]}'s filled"] = _label_errors(cas, swapped)
         print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     if errors:
-        names = [label_name(int(v)) for v in reduced.label_ids]
         print("\nlabel CAS errors on the real test images, by true label:")
         print(f"| trained on | {' | '.join(map(str, names))} | all |")
         print(f"|---|{'---:|' * (len(names) + 1)}")
