@@ -486,6 +486,12 @@ class CompletionGANConfig:
         "(0.01% of femnist_digits' images have ink within 2 px of the edge, 29% of the "
         "generator's draws on bench seed 7; 0: off)",
     )
+    source: int = param(
+        0,
+        "experimental: width of an encoder through which each draw edits a real image of the "
+        "label, of another writer, near the cell's predicted prototype (image-to-image; needs "
+        "herd_to=neighbours; herding then renders every candidate; 0: draw from noise alone)",
+    )
     predictor_draws: int = param(
         100_000,
         "draws (noise, style, label) -> embedding the draw predictor learns from after the GAN "
@@ -533,6 +539,8 @@ class CompletionGANConfig:
             raise InkfillError("--support must be within [0, 1) (0: off)")
         if self.predictor_draws < 0:
             raise InkfillError("--predictor-draws must be >= 0 (0: no predictor)")
+        if self.source < 0 or (self.source and self.herd_to != "neighbours"):
+            raise InkfillError("--source must be >= 0, and needs --herd-to neighbours")
         if not self.ema_halflife >= 0:
             raise InkfillError("--ema-halflife must be >= 0 (0: no average)")
         _check_rank(self)

@@ -225,9 +225,22 @@ class FiLMGenerator(nn.Module):
     [1, 2, 1] / 16, edges replicated), which has no gain at the period-2 frequency of that
     checkerboard (the blur after upsampling of StyleGAN, Karras et al. 2019); the filter is a
     buffer, so a run's tensors say whether its generator has it.
+
+    With `source` > 0 it also reads a source image (B, 1, 28, 28) through a small encoder of
+    that width, whose features at 7x7, 14x14 (and 28x28 with `head`) are added to the drawing's
+    before each norm (skip connections, as in a U-Net): the generator edits a real image rather
+    than drawing from noise alone. The projections start at zero: at first it ignores the source.
     """
 
-    def __init__(self, nz: int, cond_dim: int, ngf: int = 32, head: int = 0, blur: bool = False):
+    def __init__(
+        self,
+        nz: int,
+        cond_dim: int,
+        ngf: int = 32,
+        head: int = 0,
+        blur: bool = False,
+        source: int = 0,
+    ):
         super().__init__()
         self.nz, self.head = nz, head
         if blur:
@@ -249,10 +262,26 @@ class FiLMGenerator(nn.Module):
             self.out = nn.Conv2d(head, 1, 3, 1, 1)
             films.append(self.film2)
         self.ngf = ngf
+        self.source = source
+        if source:
+            w = source
+            self.src28 = nn.Conv2d(1, w, 3, 1, 1)
+            self.src14 = nn.Conv2d(w, 2 * w, 4, 2, 1)
+            self.src7 = nn.Conv2d(2 * w, 4 * w, 4, 2, 1)
+            self.skip7 = nn.Conv2d(4 * w, ngf * 4, 1)
+            self.skip14 = nn.Conv2d(2 * w, ngf * 2, 1)
+            skips = [self.skip7, self.skip14]
+            if head:
+                self.skip28 = nn.Conv2d(w, head, 1)
+                skips.append(self.skip28)
         dcgan_init(self)
         for film in films:  # start as plain batch norm: scale 1, shift 0
             nn.init.zeros_(film.weight)
             nn.init.zeros_(film.bias)
+        if source:
+            for skip in skips:  # start as the generator without a source
+                nn.init.zeros_(skip.weight)
+                nn.init.zeros_(skip.bias)
 
     @staticmethod
     def _modulate(x, norm, film, cond):
@@ -269,7 +298,25 @@ class FiLMGenerator(nn.Module):
         )
         return out.relu_()
 
-    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _encode(self, source: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The source's skip features at 7x7, 14x14 and 28x28 (Nones without a source)."""
+        if not self.source:
+            return [None, None, None]
+        if source is None:
+            raise ValueError("this generator edits a source image: pass one")
+        e28 = F.leaky_relu(self.src28(source.to(self.src28.weight.dtype)), 0.2)
+        e14 = F.leaky_relu(self.src14(e28), 0.2)
+        e7 = F.leaky_relu(self.src7(e14), 0.2)
+        return [self.skip7(e7), self.skip14(e14), self.skip28(e28) if self.head else None]
+
+    @staticmethod
+    def _plus(x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        return x if skip is None else x + skip.to(x.dtype)
+
+    def forward(
+        self, z: torch.Tensor, cond: torch.Tensor, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        s7, s14, s28 = self._encode(source)
         inp, c = torch.cat([z, cond], dim=1), self.ngf * 4
         if self.training:
             x = self.fc(inp).view(len(z), c, 7, 7)
@@ -277,10 +324,11 @@ class FiLMGenerator(nn.Module):
             weight = self.fc.weight.view(c, 49, -1).transpose(0, 1).reshape(49 * c, -1)
             bias = self.fc.bias.view(c, 49).T.reshape(-1)
             x = F.linear(inp, weight, bias).view(len(z), 7, 7, c).permute(0, 3, 1, 2)
-        x = self._modulate(x, self.norm0, self.film0, cond)
-        x = self._modulate(self._smooth(self.up1(x)), self.norm1, self.film1, cond)
+        x = self._modulate(self._plus(x, s7), self.norm0, self.film0, cond)
+        x = self._modulate(self._plus(self._smooth(self.up1(x)), s14), self.norm1, self.film1, cond)
         if self.head:
-            x = self._modulate(self._smooth(self.up2(x)), self.norm2, self.film2, cond)
+            x = self._plus(self._smooth(self.up2(x)), s28)
+            x = self._modulate(x, self.norm2, self.film2, cond)
             return torch.tanh(self.out(x).float())
         if self.training:
             return torch.tanh(self._smooth(self.up2(x)).float())
@@ -384,12 +432,13 @@ class PersonalGenerator(nn.Module):
         head: int = 0,
         blur: bool = False,
         support: torch.Tensor | None = None,
+        source: int = 0,
     ):
         super().__init__()
         self.nz = nz
         self.label_embed = nn.Embedding(n_labels, label_dim)
         nn.init.normal_(self.label_embed.weight, 0.0, 1.0)
-        self.net = FiLMGenerator(nz, style_dim + label_dim, ngf, head, blur)
+        self.net = FiLMGenerator(nz, style_dim + label_dim, ngf, head, blur, source)
         if support is not None:
             self.register_buffer(
                 "support", torch.as_tensor(support, dtype=torch.float32)[None, None]
@@ -397,8 +446,16 @@ class PersonalGenerator(nn.Module):
         else:
             self.support = None
 
-    def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = self.net(z, torch.cat([style, self.label_embed(labels)], dim=1))
+    def forward(
+        self,
+        z: torch.Tensor,
+        style: torch.Tensor,
+        labels: torch.Tensor,
+        source: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """With a source encoder (`source` > 0), `source` (B, 1, 28, 28) in [-1, 1] is the real
+        image each draw edits."""
+        x = self.net(z, torch.cat([style, self.label_embed(labels)], dim=1), source)
         if self.support is None:
             return x
         return torch.addcmul(self.support - 1, x, self.support)  # x inside, -1 outside

@@ -800,7 +800,10 @@ class _PersonalGame(Game):
         style = self.style_of(batch)  # (B, style_dim)
         style_m = style.repeat_interleave(m, dim=0)
         z = torch.randn(len(labels_m), self.generator.nz, generator=rng).to(device)
-        fake = self.generator(z, style_m, labels_m)  # (B*m, 1, 28, 28)
+        # a source-editing generator: batch["source"] (B*m, ...) for the draws,
+        # batch["source_real"] (B, ...) for the reconstructions
+        src = [batch["source"]] if "source" in batch else []
+        fake = self.generator(z, style_m, labels_m, *src)  # (B*m, 1, 28, 28)
         recon = mu = logvar = None
         fakes, fake_labels, fake_style = fake, labels_m, style_m
         if self.posterior is not None:
@@ -808,7 +811,8 @@ class _PersonalGame(Game):
             # judges these reconstructions as fakes too.
             mu, logvar = self.posterior(batch["real"], labels, style)
             eps = torch.randn(mu.shape, generator=rng).to(device)
-            recon = self.generator(mu + eps * (0.5 * logvar).exp(), style, labels)
+            src_real = [batch["source_real"]] if "source" in batch else []
+            recon = self.generator(mu + eps * (0.5 * logvar).exp(), style, labels, *src_real)
             fakes = torch.cat([fake, recon])
             fake_labels = torch.cat([labels_m, labels])
             fake_style = torch.cat([style_m, style])

@@ -1017,3 +1017,53 @@ def test_style_spread_draws_candidates_in_the_neighbours_styles(fitted, matrix, 
     with _sampling(fitted, style_spread=0.0):
         fitted.generate(writer, label, 8, seed=3)
     assert len(torch.unique(drawn[-1], dim=0)) == 1  # one style for the whole cell
+
+
+def test_a_source_generator_starts_as_the_plain_one_and_then_edits_its_source():
+    torch.manual_seed(0)
+    net = FiLMGenerator(4, 3, ngf=4, head=4, source=4).eval()
+    z, cond = torch.randn(6, 4), torch.randn(6, 3)
+    a, b = torch.rand(6, 1, 28, 28) * 2 - 1, torch.rand(6, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(net(z, cond, a), net(z, cond, b))  # skips start at zero
+        for skip in (net.skip7, net.skip14, net.skip28):
+            torch.nn.init.normal_(skip.weight, 0.0, 0.5)
+        assert not torch.allclose(net(z, cond, a), net(z, cond, b))
+    with pytest.raises(ValueError, match="source image"):
+        net(z, cond)
+
+
+def test_source_neighbours_are_other_writers_images_of_the_label_nearest_the_prototype(matrix):
+    m = CompletionGAN(**{**TINY, "source": 4, "neighbours": 3})
+    m.matrix_, m.device_ = matrix, torch.device("cpu")
+    m._fit_space(matrix, progress=False)
+    near = m._source_table(m.codes_, matrix)
+    rows, cols = np.nonzero(matrix.observed)
+    for r, c in zip(rows[:20], cols[:20]):
+        idx = near[r, c]
+        assert (matrix.cols[idx] == c).all() and (matrix.rows[idx] != r).all()
+        pool = np.flatnonzero((matrix.cols == c) & (matrix.rows != r))
+        proto = m.regression_.embed(m.codes_[r, c][None])[0]
+        d = ((m.embeddings_[pool] - proto) ** 2).sum(1)
+        np.testing.assert_array_equal(np.sort(idx), np.sort(pool[np.argsort(d)[:3]]))
+    assert (near[~matrix.observed] == -1).all()
+
+
+def test_a_source_run_edits_its_banks_images_and_round_trips(matrix, tmp_path):
+    m = CompletionGAN(**{**TINY, "source": 4, "neighbours": 4}).fit(matrix)
+    assert m.draw_predictor_ is None and m.bank_images_ is not None
+    writer, label = matrix.empty_cells()[0]
+    a = m.generate(writer, label, 4, seed=1)
+    assert a.shape == (4, 28, 28)
+    m.save(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    assert loaded.source == 4 and loaded.generator_.net.source == 4
+    np.testing.assert_array_equal(loaded.generate(writer, label, 4, seed=1), a)
+    for skip in (loaded.generator_.net.skip7, loaded.generator_.net.skip14):
+        torch.nn.init.normal_(skip.weight, 0.0, 1.0)  # make the source count, then change it
+    before = loaded.generate(writer, label, 4, seed=1)
+    loaded.bank_images_ = 255 - loaded.bank_images_
+    assert not np.array_equal(loaded.generate(writer, label, 4, seed=1), before)
+    for bad in ({"source": 4, "herd_to": "mean"}, {"source": -1}):
+        with pytest.raises(InkfillError, match="--source"):
+            _ = CompletionGAN(**bad).config

@@ -30,7 +30,7 @@ from scipy import ndimage
 from .. import distributed, metrics
 from ..completion import PrototypeRegression, cell_prototypes
 from ..config import CompletionGANConfig, InkfillError, PredictedRetrievalConfig
-from ..data import WriterMatrix
+from ..data import ModelImages, WriterMatrix, to_images
 from ..models import (
     CodeStyle,
     DrawPredictor,
@@ -42,7 +42,14 @@ from ..models import (
 )
 from ..progress import tqdm
 from ..train import EMA, CellLoss, recalibrate_batch_norm, train_personal_gan
-from .base import COLLAPSE_GAP, Method, cell_generator, cell_seed, save_generator_figures
+from .base import (
+    COLLAPSE_GAP,
+    INFER_CHUNK,
+    Method,
+    cell_generator,
+    cell_seed,
+    save_generator_figures,
+)
 from .personal import _CellSampler, _PersonalGAN, embed_images, train_classifier
 
 
@@ -203,6 +210,13 @@ class CompletionGAN(_StyleSpace):
                 "oof_code": torch.from_numpy(np.nan_to_num(self._scaled(oof))).to(dev),
                 "spread": torch.from_numpy(spread).to(dev),
             }
+            if self.source:  # each training cell's real neighbours, for either condition
+                with self._phase("source neighbours"):
+                    real_near = self._source_table(codes, matrix)
+                    oof_near = self._source_table(oof, matrix)
+                    oof_near = np.where(oof_near < 0, real_near, oof_near)
+                    tables["real_source"] = torch.from_numpy(real_near).to(dev)
+                    tables["oof_source"] = torch.from_numpy(oof_near).to(dev)
             protos = torch.from_numpy(np.nan_to_num(self.protos_)).to(dev).transpose(0, 1)
             valid = torch.from_numpy(~np.isnan(self.protos_[..., 0])).to(dev).transpose(0, 1)
 
@@ -216,6 +230,17 @@ class CompletionGAN(_StyleSpace):
                     tables["real_code"][rows, cols],
                 )
                 batch["spread"] = tables["spread"][rows, cols]
+                if self.source:  # each draw edits one of the cell's K neighbours, at random
+                    near = torch.where(
+                        use_oof[:, None],
+                        tables["oof_source"][rows, cols],
+                        tables["real_source"][rows, cols],
+                    )  # (B, K)
+                    m = self.samples_per_cell
+                    pos = torch.randint(near.shape[1], (len(rows), m + 1), generator=rng)
+                    picked = near.gather(1, pos.to(dev))
+                    batch["source"] = sampler.images[picked[:, :m].reshape(-1)]
+                    batch["source_real"] = sampler.images[picked[:, m]]
                 return batch
 
             n_labels = matrix.n_labels
@@ -225,7 +250,7 @@ class CompletionGAN(_StyleSpace):
                 support = torch.from_numpy(ink_support(matrix.data.images, self.support))
             self.generator_ = PersonalGenerator(
                 n_labels, self.style_dim, self.nz, self.ngf,
-                head=self.head, blur=self.blur, support=support,
+                head=self.head, blur=self.blur, support=support, source=self.source,
             ).to(dev)  # fmt: skip
             self.style_ = CodeStyle(k, n_labels, self.style_dim).to(dev)
             disc = PersonalDiscriminator(n_labels, self.style_dim, self.ndf, stem=self.stem)
@@ -275,16 +300,21 @@ class CompletionGAN(_StyleSpace):
             self.history_ = {self.name: done}
             self.style_.eval()
             self.draw_predictor_ = None
-            if self.predictor_draws:
+            if self.predictor_draws and not self.source:
                 with self._phase("draw predictor"):
                     self.draw_predictor_, _ = self._fit_draw_predictor(progress)
-            self.set_neighbour_bank(self.embeddings_, matrix.cols)
+            self.set_neighbour_bank(
+                self.embeddings_, matrix.cols, matrix.data.images if self.source else None
+            )
         del self.embeddings_, self.protos_, self.counts_
 
-    def set_neighbour_bank(self, embeddings: np.ndarray, cols: np.ndarray) -> None:
+    def set_neighbour_bank(
+        self, embeddings: np.ndarray, cols: np.ndarray, images: np.ndarray | None = None
+    ) -> None:
         """Keep the classifier's embeddings (N, d) of training images of label columns `cols`
         (N,), at most BANK_PER_LABEL of each label (a seeded random subset), for herd_to=
-        "neighbours". fit() calls it; a run saved without a bank can be given one here."""
+        "neighbours" (and, given them, the `images` (N, 28, 28) themselves, which a `source`
+        generator edits). fit() calls it; a run saved without a bank can be given one here."""
         rng = np.random.default_rng(cell_seed(self.seed, "neighbour bank", self.name))
         keep = []
         for c in np.unique(cols):
@@ -297,7 +327,33 @@ class CompletionGAN(_StyleSpace):
         bank = torch.from_numpy(np.ascontiguousarray(embeddings[keep], np.float32))
         self.bank_ = bank.half().float()
         self.bank_cols_ = torch.from_numpy(np.asarray(cols)[keep].astype(np.int64))
+        self.bank_images_ = None if images is None else np.ascontiguousarray(images[keep])
         self._pools = {}
+
+    def _source_table(self, codes: np.ndarray, matrix: WriterMatrix) -> np.ndarray:
+        """(W, L, K) indices of training images, K = `neighbours`: for each cell with a code
+        (codes (W, L, k), NaN where none), the K images of its label, of other writers, nearest
+        the code's prototype in the classifier's embedding (-1 where the cell has no code; a
+        label with fewer images repeats its nearest ones)."""
+        n_w, n_l, _ = codes.shape
+        k = self.neighbours
+        out = np.full((n_w, n_l, k), -1, np.int64)
+        emb = torch.from_numpy(self.embeddings_).double()
+        for c in range(n_l):
+            pool = np.flatnonzero(matrix.cols == c)
+            have = np.flatnonzero(~np.isnan(codes[:, c, 0]))
+            if len(pool) == 0 or len(have) == 0:
+                continue
+            e = emb[pool]
+            writers = torch.from_numpy(matrix.rows[pool])
+            for part in np.array_split(have, max(1, len(have) // 256)):
+                proto = torch.from_numpy(self.regression_.embed(codes[part, c])).double()
+                d = e.square().sum(1)[None] - 2 * proto @ e.T  # (P, N) up to |proto|^2
+                d[writers[None] == torch.from_numpy(part)[:, None]] = float("inf")
+                have_k = min(k, len(pool))
+                near = d.topk(have_k, largest=False).indices  # (P, have_k)
+                out[part, c] = pool[near[:, torch.arange(k) % have_k].numpy()]
+        return out
 
     def _neighbour_targets(self, codes: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         """(C, K, k) in the regression's code space, K = `neighbours`: for each of C cells
@@ -322,6 +378,7 @@ class CompletionGAN(_StyleSpace):
         k = self.neighbours
         codes = torch.from_numpy(codes).double()
         out = codes[:, None].repeat(1, k, 1)  # (C, K, k)
+        self._last_bank_index = index = torch.full((len(codes), k), -1, dtype=torch.long)
         for c in labels:
             cells = torch.from_numpy(np.flatnonzero(cols == c))
             pool, sq = self._pools[int(c)]
@@ -329,8 +386,10 @@ class CompletionGAN(_StyleSpace):
             if have == 0:
                 continue
             near = (sq - 2 * codes[cells] @ pool.T).topk(have, largest=False).indices
-            chosen = pool[near[:, torch.arange(k) % have]]  # (c, K, k)
+            near = near[:, torch.arange(k) % have]
+            chosen = pool[near]  # (c, K, k)
             out[cells] = chosen - chosen.mean(1, keepdim=True) + codes[cells, None]
+            index[cells] = torch.from_numpy(np.flatnonzero(self.bank_cols_.numpy() == c))[near]
         return out
 
     def _recalibrate(self, generator, style, sample, rng) -> None:
@@ -343,7 +402,7 @@ class CompletionGAN(_StyleSpace):
             labels = batch["labels"].repeat_interleave(m)
             codes = style(batch["condition"], batch["labels"]).repeat_interleave(m, 0)
             z = torch.randn(len(labels), self.nz, generator=rng).to(labels.device)
-            return generator(z, codes, labels)
+            return generator(z, codes, labels, *([batch["source"]] if self.source else []))
 
         recalibrate_batch_norm(generator, draw)
 
@@ -510,16 +569,35 @@ class CompletionGAN(_StyleSpace):
         per = m // n if n else 1
         style = self._styles(codes, cols).cpu()
         labels = torch.from_numpy(cols)
-        if per == 1 or n == 0:
-            flat = z.reshape(-1, nz)
-            images = self._draw(flat, style.repeat_interleave(m, 0), labels.repeat_interleave(m))
-            return images.reshape(n_cells, m, 28, 28)
-        predicted = self.herd == "predicted" and getattr(self, "draw_predictor_", None) is not None
-        target = torch.from_numpy(codes).double()
         spread = None  # herd_to="neighbours": the real spread each kept set must match
         if self.herd_to == "neighbours" and getattr(self, "bank_", None) is not None:
             spread = self._neighbour_targets(codes, cols)
-        styles, k_near = None, 1  # style_spread > 0: candidate j drawn in style j % K of K
+        sources = None  # a source generator: candidate j edits neighbour j % K, (C, K) bank rows
+        if self.source:
+            if spread is None or getattr(self, "bank_images_", None) is None:
+                raise InkfillError(f"{self.name}: this run edits real images but has none saved")
+            sources = self._last_bank_index.numpy()
+
+        def source_of(cells: slice, which: torch.Tensor) -> np.ndarray | None:
+            if sources is None:
+                return None
+            return self.bank_images_[sources[cells][:, which.numpy()]].reshape(-1, 28, 28)
+
+        if per == 1 or n == 0:
+            flat = z.reshape(-1, nz)
+            src = source_of(slice(None), torch.arange(m) % self.neighbours)
+            images = self._draw(
+                flat, style.repeat_interleave(m, 0), labels.repeat_interleave(m), source=src
+            )
+            return images.reshape(n_cells, m, 28, 28)
+        predicted = (
+            self.herd == "predicted"
+            and getattr(self, "draw_predictor_", None) is not None
+            and sources is None
+        )
+        target = torch.from_numpy(codes).double()
+        # style_spread > 0: candidate j drawn in style j % K of K (and a source edits j % K)
+        styles, k_near = None, self.neighbours if sources is not None else 1
         if spread is not None and self.style_spread > 0:
             k_near = self.neighbours
             moved = codes[:, None] + self.style_spread * (spread.numpy() - codes[:, None])
@@ -562,6 +640,7 @@ class CompletionGAN(_StyleSpace):
                         part.reshape(-1, nz),
                         flat_style,
                         labels[s : s + step].repeat_interleave(b * per),
+                        source=source_of(slice(s, s + step), which),
                     )
                     with self._inference():
                         emb = embed_images(self.classifier_, images, self.device_)
@@ -621,8 +700,21 @@ class CompletionGAN(_StyleSpace):
             ]  # fmt: skip
         return torch.cat(parts)
 
-    # G(z, style, label) in chunks under the inference context: the same as embed-gan's.
-    _draw = _PersonalGAN._draw
+    def _draw(self, z, style, cols, chunk: int = INFER_CHUNK, source=None) -> np.ndarray:
+        """G(z, style, label) for (N, nz) noise, (N, style_dim) codes, (N,) label columns, in
+        chunks under the inference context (embed-gan's), editing `source` (N, 28, 28) uint8
+        images with a source generator."""
+        if source is None:
+            return _PersonalGAN._draw(self, z, style, cols, chunk)
+        dev, out = self.device_, []
+        with self._inference():
+            for s in range(0, len(z), chunk):
+                part = slice(s, s + chunk)
+                src = ModelImages(source[part], dev)[:]
+                out.append(to_images(self.generator_(
+                    z[part].to(dev), style[part].to(dev), cols[part].to(dev), src
+                )))  # fmt: skip
+        return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
 
     def _modules(self):
         return [self.generator_, self.classifier_, self.style_, *self._predictor()]
@@ -639,6 +731,8 @@ class CompletionGAN(_StyleSpace):
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         if getattr(self, "bank_", None) is not None:  # float16: half the file, ample for herding
             tensors.update(bank=self.bank_.half(), bank_cols=self.bank_cols_)
+        if getattr(self, "bank_images_", None) is not None:
+            tensors["bank_images"] = torch.from_numpy(self.bank_images_)
         return tensors, {"code_scale": self.code_scale_}
 
     def _set_state(self, tensors, config):
@@ -657,9 +751,11 @@ class CompletionGAN(_StyleSpace):
         self.head, self.blur = head, blur  # and the run's config says so when saved again
         if support is None:
             self.support = 0.0
+        src = tensors.get("generator.net.src28.weight")
+        self.source = 0 if src is None else int(src.shape[0])
         self.generator_ = PersonalGenerator(
             n_labels, self.style_dim, self.nz, self.ngf, head=head, blur=blur,
-            support=None if support is None else support[0, 0],
+            support=None if support is None else support[0, 0], source=self.source,
         )  # fmt: skip
         self.style_ = CodeStyle(k, n_labels, self.style_dim)
         for name, module in (("generator", self.generator_), ("style", self.style_)):
@@ -673,6 +769,7 @@ class CompletionGAN(_StyleSpace):
         self._pools = {}
         if "bank" in tensors:
             self.bank_, self.bank_cols_ = tensors["bank"].float(), tensors["bank_cols"]
+        self.bank_images_ = tensors["bank_images"].numpy() if "bank_images" in tensors else None
         self.draw_predictor_ = None  # runs saved before it herd by rendering every candidate
         if "draw_predictor.inp.weight" in tensors:
             hidden, dim = tensors["draw_predictor.net.3.weight"].shape[::-1]
