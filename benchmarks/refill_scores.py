@@ -17,6 +17,11 @@ every row, the errors on the real test images by true label (where fills teach l
 images do). --swap (implies --ceiling) tells which label's fills cost the most: for each variant
 and label, the network trained on the whole real hidden cells with only that label's cells
 replaced by the variant's fills.
+
+--oracle adds, for each variant, the same fill with each hidden cell's predicted code replaced by
+the code of its real half A (those images through the run's classifier; half B, what writer CAS
+tests on, stays unseen): what the generator makes of a perfect prediction, which tells whether a
+number is bounded by the prediction or by the rendering (completion-gan and predicted-retrieval).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ def main():
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--ceiling", action="store_true", help="label CAS of real images too")
     p.add_argument("--swap", action="store_true", help="one label's real cells swapped for fills")
+    p.add_argument("--oracle", action="store_true", help="also fill from half A's real codes")
     args = p.parse_args()
     args.ceiling |= args.swap
     torch.set_num_threads(os.cpu_count() or 1)
@@ -94,8 +100,13 @@ def main():
         "| writer CAS top-1 / top-5 | label CAS | personal: missing / other labels |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for variant in args.variant or ["default"]:
+    runs = [(v, False) for v in args.variant or ["default"]]
+    if args.oracle:
+        runs = [(v, o) for v, _ in runs for o in (False, True)]
+    for variant, oracle in runs:
         method = load_run(args.bench / "runs" / args.method)
+        if oracle:
+            _condition_on_half_a(method, reduced, hidden, [a for a, _ in scorer.halves])
         if hasattr(method, "set_neighbour_bank") and getattr(method, "bank_", None) is None:
             # a run saved before completion-gan kept its training embeddings: the same ones,
             # from the bench's reduced data through the run's classifier
@@ -112,7 +123,8 @@ def main():
                    f"{row['diversity_ratio']:.2f}", f"{row['feature_diversity_ratio']:.2f}",
                    f"{score['writer_cas_top1']:.3f} / {score['writer_cas_top5']:.3f}",
                    f"{score['label_cas']:.3f}", personal]  # fmt: skip
-        print(f"| {variant} | {' | '.join(figures)} |", flush=True)
+        name = f"{variant}, oracle (half A's code)" if oracle else variant
+        print(f"| {name} | {' | '.join(figures)} |", flush=True)
         if args.ceiling:
             errors[variant] = _label_errors(cas, fills)
         for c in np.unique(cols) if args.swap else []:
@@ -125,6 +137,18 @@ def main():
         print(f"|---|{'---:|' * (len(names) + 1)}")
         for row, err in errors.items():
             print(f"| {row} | {' | '.join(map(str, err))} | {err.sum()} |")
+
+
+def _condition_on_half_a(method, reduced: WriterMatrix, hidden, halves_a) -> None:
+    """Set each hidden cell's predicted code in `method` (completion-gan, predicted-retrieval)
+    to the code of the cell's real half A, embedded by the run's own classifier."""
+    if not hasattr(method, "predicted_"):
+        sys.exit(f"refill_scores.py: --oracle needs a style-space method, not {method.name}")
+    for h, images in zip(hidden, halves_a):
+        row, col = method.matrix_.row(h.writer), method.matrix_.col(h.label)
+        with torch.inference_mode():
+            emb = embed_images(method.classifier_, images, torch.device("cpu")).float().numpy()
+        method.predicted_[row, col] = method.regression_.codes(emb.mean(0, keepdims=True))[0]
 
 
 def _label_errors(cas: TrainOnFills, cells: list[np.ndarray]) -> np.ndarray:
