@@ -356,13 +356,18 @@ class CompletionGAN(_StyleSpace):
         return out
 
     def _neighbour_targets(self, codes: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        """The (C, K, k) targets of _neighbours alone."""
+        return self._neighbours(codes, cols)[0]
+
+    def _neighbours(self, codes: np.ndarray, cols: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """(C, K, k) in the regression's code space, K = `neighbours`: for each of C cells
         (predicted codes (C, k), label columns (C,)), the K bank images of its label nearest its
         predicted prototype in the classifier's embedding, moved so that their mean is the
         predicted code: the spread of real images of that style, centred where the writer's cell
         is predicted. A label with fewer than K bank images repeats its nearest ones in turn (a
         label without any gives the predicted code K times), so a cell's targets never depend on
-        the other cells filled with it.
+        the other cells filled with it. Also (C, K): the bank rows of those images (-1 for a
+        label without any), the images a `source` generator edits.
 
         The search needs no pass over the full embedding: the prototype lies in the code
         space's plane (mean + code @ components, orthonormal components), so its squared
@@ -378,7 +383,7 @@ class CompletionGAN(_StyleSpace):
         k = self.neighbours
         codes = torch.from_numpy(codes).double()
         out = codes[:, None].repeat(1, k, 1)  # (C, K, k)
-        self._last_bank_index = index = torch.full((len(codes), k), -1, dtype=torch.long)
+        index = torch.full((len(codes), k), -1, dtype=torch.long)
         for c in labels:
             cells = torch.from_numpy(np.flatnonzero(cols == c))
             pool, sq = self._pools[int(c)]
@@ -390,7 +395,7 @@ class CompletionGAN(_StyleSpace):
             chosen = pool[near]  # (c, K, k)
             out[cells] = chosen - chosen.mean(1, keepdim=True) + codes[cells, None]
             index[cells] = torch.from_numpy(np.flatnonzero(self.bank_cols_.numpy() == c))[near]
-        return out
+        return out, index.numpy()
 
     def _recalibrate(self, generator, style, sample, rng) -> None:
         """Batch-norm statistics of the averaged generator, measured on its own draws of
@@ -570,13 +575,15 @@ class CompletionGAN(_StyleSpace):
         style = self._styles(codes, cols).cpu()
         labels = torch.from_numpy(cols)
         spread = None  # herd_to="neighbours": the real spread each kept set must match
-        if self.herd_to == "neighbours" and getattr(self, "bank_", None) is not None:
-            spread = self._neighbour_targets(codes, cols)
         sources = None  # a source generator: candidate j edits neighbour j % K, (C, K) bank rows
-        if self.source:
-            if spread is None or getattr(self, "bank_images_", None) is None:
-                raise InkfillError(f"{self.name}: this run edits real images but has none saved")
-            sources = self._last_bank_index.numpy()
+        if self.herd_to == "neighbours" and getattr(self, "bank_", None) is not None:
+            spread, sources = self._neighbours(codes, cols)
+        if not self.source:
+            sources = None
+        elif spread is None or getattr(self, "bank_images_", None) is None:
+            raise InkfillError(f"{self.name}: this run edits real images but has none saved")
+        elif (sources < 0).any():
+            raise InkfillError(f"{self.name}: no real image of a label to edit in the run's bank")
 
         def source_of(cells: slice, which: torch.Tensor) -> np.ndarray | None:
             if sources is None:
