@@ -490,7 +490,7 @@ class CompletionGANConfig:
         0,
         "experimental: width of an encoder through which each draw edits a real image of the "
         "label, of another writer, near the cell's predicted prototype (image-to-image; needs "
-        "herd_to=neighbours; herding then renders every candidate; 0: draw from noise alone)",
+        "herd_to=neighbours; 0: draw from noise alone)",
     )
     predictor_draws: int = param(
         100_000,

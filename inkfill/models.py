@@ -519,12 +519,23 @@ class CodeStyle(nn.Module):
 class DrawPredictor(nn.Module):
     """(noise (B, nz), style (B, style_dim), label (B,)) -> the embedding (B, dim) that the
     method's classifier gives the generator's draw G(noise, style, label), without drawing it:
-    completion-gan's herding scores many candidate noises with it and renders only those kept."""
+    completion-gan's herding scores many candidate noises with it and renders only those kept.
+    With `source_dim` > 0, for a generator that edits a source image, also the source's
+    embedding (B, source_dim) by the same classifier."""
 
-    def __init__(self, nz: int, style_dim: int, n_labels: int, dim: int = 128, hidden: int = 256):
+    def __init__(
+        self,
+        nz: int,
+        style_dim: int,
+        n_labels: int,
+        dim: int = 128,
+        hidden: int = 256,
+        source_dim: int = 0,
+    ):
         super().__init__()
         self.inp = nn.Linear(nz + style_dim, hidden)
         self.label = nn.Embedding(n_labels, hidden)
+        self.src = nn.Linear(source_dim, hidden, bias=False) if source_dim else None
         self.net = nn.Sequential(
             nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim)
         )
@@ -532,9 +543,17 @@ class DrawPredictor(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(()))
 
-    def forward(self, z: torch.Tensor, style: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        out = self.net(self.inp(torch.cat([z, style], 1)) + self.label(labels))
-        return out * self.scale + self.mean
+    def forward(
+        self,
+        z: torch.Tensor,
+        style: torch.Tensor,
+        labels: torch.Tensor,
+        source: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.inp(torch.cat([z, style], 1)) + self.label(labels)
+        if self.src is not None:
+            h = h + self.src(source)
+        return self.net(h) * self.scale + self.mean
 
     def per_cell(
         self,
@@ -542,17 +561,23 @@ class DrawPredictor(nn.Module):
         style: torch.Tensor,
         labels: torch.Tensor,
         which: torch.Tensor | None = None,
+        source: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """forward() for C cells of M candidates each: z (C, M, nz), style (C, style_dim) and
         labels (C,) -> (C, M, dim). The style's and label's share of the first layer is computed
         once per cell rather than once per candidate; with S styles a cell (C, S, style_dim),
-        candidate m in style which[m] (which: (M,)), once per style."""
+        candidate m in style which[m] (which: (M,)), once per style; likewise S sources a cell
+        (C, S, source_dim), candidate m editing source which[m]."""
         nz = z.shape[-1]
         weight = self.inp.weight
         cell = style @ weight[:, nz:].T + self.inp.bias  # (C, hidden) or (C, S, hidden)
         if style.dim() == 2:
             cell = (cell + self.label(labels))[:, None]
         else:
-            cell = (cell + self.label(labels)[:, None])[:, which]  # (C, M, hidden)
+            cell = cell + self.label(labels)[:, None]
+        if self.src is not None:
+            cell = cell + self.src(source)  # (C, S, hidden)
+        if cell.shape[1] > 1 or self.src is not None:
+            cell = cell[:, which]  # (C, M, hidden)
         out = self.net(z @ weight[:, :nz].T + cell)
         return out * self.scale + self.mean

@@ -352,6 +352,18 @@ def test_draw_predictor_scores_a_cells_candidates_as_it_scores_each_one():
     each = styles[:, which]  # (4, 7, 6): candidate m in style which[m]
     flat = net(z.reshape(-1, 8), each.reshape(-1, 6), labels.repeat_interleave(7))
     torch.testing.assert_close(net.per_cell(z, styles, labels, which), flat.reshape(4, 7, 5))
+    # a source generator's predictor: candidate m edits source which[m], with one style a cell
+    # or one a candidate
+    net = DrawPredictor(nz=8, style_dim=6, n_labels=3, dim=5, hidden=16, source_dim=4)
+    sources = torch.randn(4, 3, 4)
+    src = sources[:, which].reshape(-1, 4)
+    for cell_style, per in ((style, style.repeat_interleave(7, 0)), (styles, each.reshape(-1, 6))):
+        flat = net(z.reshape(-1, 8), per, labels.repeat_interleave(7), src)
+        torch.testing.assert_close(
+            net.per_cell(z, cell_style, labels, which, sources), flat.reshape(4, 7, 5)
+        )
+    other = net.per_cell(z, styles, labels, which, torch.randn(4, 3, 4))
+    assert not torch.allclose(other, flat.reshape(4, 7, 5))
 
 
 def test_runs_without_a_draw_predictor_herd_by_rendering(matrix, tmp_path):
@@ -1051,13 +1063,17 @@ def test_source_neighbours_are_other_writers_images_of_the_label_nearest_the_pro
 
 def test_a_source_run_edits_its_banks_images_and_round_trips(matrix, tmp_path):
     m = CompletionGAN(**{**TINY, "source": 4, "neighbours": 4}).fit(matrix)
-    assert m.draw_predictor_ is None and m.bank_images_ is not None
+    assert m.draw_predictor_.src is not None and m.bank_images_ is not None
     writer, label = matrix.empty_cells()[0]
-    a = m.generate(writer, label, 4, seed=1)
-    assert a.shape == (4, 28, 28)
+    a = m.generate(writer, label, 4, seed=1)  # herded by the predictor, which reads the sources
+    m.herd = "rendered"
+    rendered = m.generate(writer, label, 4, seed=1)
+    assert a.shape == rendered.shape == (4, 28, 28)
+    m.herd = "predicted"
     m.save(tmp_path / "run")
     loaded = load_run(tmp_path / "run")
     assert loaded.source == 4 and loaded.generator_.net.source == 4
+    assert loaded.draw_predictor_.src is not None and loaded.herd == "predicted"
     np.testing.assert_array_equal(loaded.generate(writer, label, 4, seed=1), a)
     for skip in (loaded.generator_.net.skip7, loaded.generator_.net.skip14):
         torch.nn.init.normal_(skip.weight, 0.0, 1.0)  # make the source count, then change it

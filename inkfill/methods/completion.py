@@ -299,13 +299,13 @@ class CompletionGAN(_StyleSpace):
                 self.generator_, self.style_ = ema.averaged
             self.history_ = {self.name: done}
             self.style_.eval()
-            self.draw_predictor_ = None
-            if self.predictor_draws and not self.source:
-                with self._phase("draw predictor"):
-                    self.draw_predictor_, _ = self._fit_draw_predictor(progress)
             self.set_neighbour_bank(
                 self.embeddings_, matrix.cols, matrix.data.images if self.source else None
             )
+            self.draw_predictor_ = None
+            if self.predictor_draws:
+                with self._phase("draw predictor"):
+                    self.draw_predictor_, _ = self._fit_draw_predictor(progress)
         del self.embeddings_, self.protos_, self.counts_
 
     def set_neighbour_bank(
@@ -415,7 +415,9 @@ class CompletionGAN(_StyleSpace):
         """Learn the classifier's embedding of a draw from its (noise, style, label), on
         `predictor_draws` draws of random cells' predicted styles, 8 noises per cell. The loss
         weighs how the draws of one cell differ from each other (what herding chooses among) 4x
-        their mean. Seeded from `seed` alone: every rank of a torchrun fit learns the same one."""
+        their mean. Seeded from `seed` alone: every rank of a torchrun fit learns the same one.
+        For a `source` generator each draw edits one of its cell's `neighbours` bank images, at
+        random, and the predictor reads that image's embedding too."""
         dev, group = self.device_, PREDICTOR_GROUP
         n_groups = max(1, self.predictor_draws // group)
         rng = np.random.default_rng(cell_seed(self.seed, "draw predictor", self.name))
@@ -426,12 +428,21 @@ class CompletionGAN(_StyleSpace):
         style = self._styles(self.predicted_[rows, cols], cols).cpu()
         z = torch.randn(len(rows), self.nz, generator=gen)
         labels = torch.from_numpy(cols)
+        images, source = None, None
+        if self.source:
+            near = self._neighbours(self.predicted_[rows[::group], cols[::group]], cols[::group])[1]
+            pick = near[np.arange(len(rows)) // group, rng.integers(0, near.shape[1], len(rows))]
+            images, source = self.bank_images_[pick], self.bank_[torch.from_numpy(pick)]
         with self._inference():
-            target = embed_images(self.classifier_, self._draw(z, style, labels), dev).float()
+            drawn = self._draw(z, style, labels, source=images)
+            target = embed_images(self.classifier_, drawn, dev).float()
         target = target.cpu().clone()  # a plain tensor, outside inference mode
         with torch.random.fork_rng(devices=[]):  # the same start whether or not the GAN resumed
             torch.manual_seed(cell_seed(self.seed, "draw predictor", "init"))
-            net = DrawPredictor(self.nz, self.style_dim, shape[1], target.shape[1]).to(dev)
+            net = DrawPredictor(
+                self.nz, self.style_dim, shape[1], target.shape[1],
+                source_dim=0 if source is None else source.shape[1],
+            ).to(dev)  # fmt: skip
         net.mean.copy_(target.mean(0))  # target stays on the CPU: a batch at a time to the device
         net.scale.fill_(float((target - target.mean(0)).square().mean().sqrt()))
         per_step = max(1, PREDICTOR_BATCH // group)
@@ -445,7 +456,8 @@ class CompletionGAN(_StyleSpace):
                 for i in range(steps // PREDICTOR_EPOCHS):
                     cells = order[i * per_step : (i + 1) * per_step]
                     idx = (cells[:, None] * group + torch.arange(group)).reshape(-1)
-                    miss = net(z[idx].to(dev), style[idx].to(dev), labels[idx].to(dev))
+                    src = None if source is None else source[idx].to(dev)
+                    miss = net(z[idx].to(dev), style[idx].to(dev), labels[idx].to(dev), src)
                     miss = (miss - target[idx].to(dev)) / net.scale  # in units of the spread
                     miss = miss.reshape(-1, group, target.shape[1])
                     mean = miss.mean(1, keepdim=True)
@@ -597,10 +609,10 @@ class CompletionGAN(_StyleSpace):
                 flat, style.repeat_interleave(m, 0), labels.repeat_interleave(m), source=src
             )
             return images.reshape(n_cells, m, 28, 28)
+        net = getattr(self, "draw_predictor_", None)
+        # a predictor that knows sources for a source generator (runs saved before had none)
         predicted = (
-            self.herd == "predicted"
-            and getattr(self, "draw_predictor_", None) is not None
-            and sources is None
+            self.herd == "predicted" and net is not None and (sources is None) == (net.src is None)
         )
         target = torch.from_numpy(codes).double()
         # style_spread > 0: candidate j drawn in style j % K of K (and a source edits j % K)
@@ -617,9 +629,10 @@ class CompletionGAN(_StyleSpace):
             )
         components = torch.from_numpy(self.regression_.components_).to(self.device_)
         mean = torch.from_numpy(self.regression_.mean_).to(self.device_)
-        if predicted:  # the kept noises (and styles), drawn at the end
+        if predicted:  # the kept noises (and styles and sources), drawn at the end
             kept_z = torch.empty(n_cells, n, nz)
             kept_style = None if styles is None else torch.empty(n_cells, n, styles.shape[2])
+            kept_source = None if sources is None else np.empty((n_cells, n), np.int64)
         else:  # the kept images, picked among the drawn candidates
             out = np.empty((n_cells, n, 28, 28), np.uint8)
         for start in range(0, n, HERD_BLOCK):
@@ -635,7 +648,10 @@ class CompletionGAN(_StyleSpace):
                         part,
                         style[s : s + step] if styles is None else styles[s : s + step],
                         labels[s : s + step],
-                        None if styles is None else which,
+                        None if styles is None and sources is None else which,
+                        None
+                        if sources is None
+                        else self.bank_[torch.from_numpy(sources[s : s + step])],
                     )
                 else:
                     flat_style = (
@@ -666,6 +682,9 @@ class CompletionGAN(_StyleSpace):
                     if styles is not None:
                         kept = styles[s : s + step][rows, which[picks]]
                         kept_style[s : s + step, start : start + b] = kept
+                    if sources is not None:
+                        kept = sources[s : s + step][rows.numpy(), which[picks].numpy()]
+                        kept_source[s : s + step, start : start + b] = kept
                 else:
                     chosen = images.reshape(g, b * per, 28, 28)[rows.numpy(), picks]
                     out[s : s + step, start : start + b] = chosen
@@ -675,7 +694,10 @@ class CompletionGAN(_StyleSpace):
                 if styles is None
                 else kept_style.reshape(-1, kept_style.shape[-1])
             )
-            images = self._draw(kept_z.reshape(-1, nz), flat_style, labels.repeat_interleave(n))
+            images = self._draw(
+                kept_z.reshape(-1, nz), flat_style, labels.repeat_interleave(n),
+                source=None if sources is None else self.bank_images_[kept_source.reshape(-1)],
+            )  # fmt: skip
             out = images.reshape(n_cells, n, 28, 28)
         return out
 
@@ -691,18 +713,23 @@ class CompletionGAN(_StyleSpace):
         floor = prob.topk(keep, dim=1).values[:, -1:].clamp_max(self.label_floor)
         return prob < floor
 
-    def _predict_draws(self, z, style, labels, which=None, chunk: int = 8192) -> torch.Tensor:
+    def _predict_draws(
+        self, z, style, labels, which=None, source=None, chunk: int = 8192
+    ) -> torch.Tensor:
         """The draw predictor's embeddings (C, M, dim) of C cells' M candidates each (z (C, M,
         nz), style (C, style_dim) or (C, S, style_dim) with `which` (M,) the style of each
-        candidate, labels (C,)), about `chunk` candidates at a time (bf16 like the generator's
-        forward passes when the run trained in bf16; 2.8x the candidates/s on the 2 cores)."""
+        candidate, labels (C,); a source generator's S source embeddings a cell (C, S, dim),
+        candidate m editing source which[m]), about `chunk` candidates at a time (bf16 like the
+        generator's forward passes when the run trained in bf16; 2.8x the candidates/s on the 2
+        cores)."""
         dev, net = self.device_, self.draw_predictor_
         step = max(1, chunk // max(z.shape[1], 1))
         which = None if which is None else which.to(dev)
         with self._inference():
             parts = [
                 net.per_cell(z[s : s + step].to(dev), style[s : s + step].to(dev),
-                             labels[s : s + step].to(dev), which).float()
+                             labels[s : s + step].to(dev), which,
+                             None if source is None else source[s : s + step].to(dev)).float()
                 for s in range(0, len(z), step)
             ]  # fmt: skip
         return torch.cat(parts)
@@ -780,7 +807,11 @@ class CompletionGAN(_StyleSpace):
         self.draw_predictor_ = None  # runs saved before it herd by rendering every candidate
         if "draw_predictor.inp.weight" in tensors:
             hidden, dim = tensors["draw_predictor.net.3.weight"].shape[::-1]
-            self.draw_predictor_ = DrawPredictor(self.nz, self.style_dim, n_labels, dim, hidden)
+            src = tensors.get("draw_predictor.src.weight")
+            self.draw_predictor_ = DrawPredictor(
+                self.nz, self.style_dim, n_labels, dim, hidden,
+                source_dim=0 if src is None else src.shape[1],
+            )  # fmt: skip
             self.draw_predictor_.load_state_dict(
                 {k[15:]: v for k, v in tensors.items() if k.startswith("draw_predictor.")}
             )
