@@ -346,11 +346,11 @@ class CompletionGAN(_StyleSpace):
                 continue
             e = emb[pool]
             writers = torch.from_numpy(matrix.rows[pool])
+            have_k = min(k, len(pool))
             for part in np.array_split(have, max(1, len(have) // 256)):
                 proto = torch.from_numpy(self.regression_.embed(codes[part, c])).double()
                 d = e.square().sum(1)[None] - 2 * proto @ e.T  # (P, N) up to |proto|^2
                 d[writers[None] == torch.from_numpy(part)[:, None]] = float("inf")
-                have_k = min(k, len(pool))
                 near = d.topk(have_k, largest=False).indices  # (P, have_k)
                 out[part, c] = pool[near[:, torch.arange(k) % have_k].numpy()]
         return out
