@@ -92,6 +92,31 @@ def test_inference_rewrites_compute_what_the_layers_compute():
         slow = torch.tanh(G.up2(x))
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
+    # With the 28x28 head and the blur (completion-gan's defaults): few channels, so the folded
+    # FiLM runs over image rows of the channels-last activations.
+    G = FiLMGenerator(nz=4, cond_dim=5, ngf=4, head=4, blur=True)
+    films = (G.film0, G.film1, G.film2)
+    for module in films:
+        torch.nn.init.normal_(module.weight, 0, 0.3)
+    G.train()
+    for _ in range(3):
+        G(torch.randn(16, 4), torch.randn(16, 5))
+    G.eval()
+
+    def smooth(x):
+        kernel = G.blur.expand(x.shape[1], 1, 3, 3)
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
+
+    with torch.no_grad():
+        fast = G(z, cond)
+        x = G.fc(torch.cat([z, cond], 1)).view(8, G.ngf * 4, 7, 7)
+        for norm, film, up in zip((G.norm0, G.norm1, G.norm2), films, (None, G.up1, G.up2)):
+            x = x if up is None else smooth(up(x))
+            gamma, beta = film(cond).chunk(2, 1)
+            x = F.relu(norm(x) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
+        slow = torch.tanh(G.out(x))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
 
 def test_folded_feature_net_computes_what_the_eval_net_computes():
     import torch
