@@ -363,7 +363,11 @@ class CompletionGANConfig:
     rank_temperature: float = param(0.02, RANK_TEMPERATURE_HELP)
     style_dim: int = param(64, "size of the style code the generator reads")
     nz: int = param(32, "noise size: the variation within one cell")
-    ngf: int = param(32, "generator width")
+    ngf: int = param(
+        16,
+        "generator width (7x7 stage 4x, 14x14 stage 2x; 16 against 32 on bench seeds 11, 5 and 0: "
+        "the same scores, fill 1.5x as fast, GAN steps ~10% faster)",
+    )
     head: int = param(
         16,
         "channels of a last generator stage at 28x28, from which a 3x3 convolution draws the "

@@ -867,8 +867,8 @@ def kernel_herd(
     emb, target = emb.double(), target.to(emb.device).double()
     sq = emb.square().sum(-1)  # (B, M)
     # (B, M, K) squared distances, made and then turned into kernel values in place: at 256
-    # cells of 256 candidates this tensor is 16 MB, and each extra pass over it shows in a
-    # fill's time
+    # cells of 256 candidates (16 an image) this tensor is 16 MB, and each extra pass over it
+    # shows in a fill's time
     d2 = sq[..., None] + target.square().sum(-1)[:, None]
     d2 = torch.baddbmm(d2, emb, target.transpose(1, 2), alpha=-2).clamp_min_(0)
     width2 = _lower_median(d2.flatten(1)).clamp_min(1e-12)[:, None]  # (B, 1)
