@@ -366,7 +366,7 @@ class CompletionGANConfig:
     ngf: int = param(
         16,
         "generator width (7x7 stage 4x, 14x14 stage 2x; 16 against 32 on bench seeds 11, 5 and 0: "
-        "the same scores, fill 1.5x as fast, GAN steps ~10% faster)",
+        "the same scores, fill 1.3-1.5x as fast, GAN steps ~10% faster)",
     )
     head: int = param(
         16,
