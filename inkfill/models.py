@@ -507,7 +507,20 @@ class CollaGenerator(nn.Module):
         self.out = nn.Conv2d(w, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e1 = self.enc1(x)
+        return self._decode(self.enc1(x))
+
+    def draw(self, ink: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """forward() of the stacked input (ink, one-hot planes of `target`) without the planes:
+        ink (B, L, 28, 28), target label columns (B,). The planes' part of the first
+        convolution is one fixed map per label, computed here and added (less input to make,
+        and half the first convolution's work, at inference)."""
+        first, n = self.enc1[0], ink.shape[1]
+        planes = torch.eye(n, dtype=ink.dtype, device=ink.device)[:, :, None, None]
+        maps = F.conv2d(planes.expand(n, n, 28, 28), first.weight[:, n:], padding=1)
+        h = F.conv2d(ink, first.weight[:, :n], first.bias, padding=1)
+        return self._decode(self.enc1[1:](h + maps[target]))
+
+    def _decode(self, e1: torch.Tensor) -> torch.Tensor:
         e2 = self.enc2(F.avg_pool2d(e1, 2))
         m = self.mid(F.avg_pool2d(e2, 2))
         d2 = self.dec2(torch.cat([self.up2(m), e2], 1))

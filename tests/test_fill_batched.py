@@ -147,3 +147,59 @@ def test_folded_feature_net_computes_what_the_eval_net_computes():
     (g_fast,) = torch.autograd.grad(fast(x).square().sum(), x)
     (g_net,) = torch.autograd.grad(net(x).square().sum(), x)
     torch.testing.assert_close(g_fast, g_net, atol=1e-4, rtol=1e-3)
+
+
+def test_collagan_draw_computes_what_forward_computes_on_the_stacked_input():
+    """CollaGAN fills through draw(ink, target): the one-hot target planes' part of the first
+    convolution added as a fixed map per label, on the generator with its batch norms folded.
+    Both must give forward() on the stacked (ink, planes) input, borders included."""
+    import torch
+
+    from inkfill.models import CollaGenerator, folded
+
+    torch.manual_seed(0)
+    G = CollaGenerator(n_labels=5, width=4)
+    G.train()
+    for _ in range(3):  # running statistics away from their start
+        G(torch.rand(16, 10, 28, 28))
+    G.eval()
+    ink = torch.rand(6, 5, 28, 28) * (torch.rand(6, 5, 1, 1) < 0.7)
+    target = torch.tensor([0, 4, 2, 2, 1, 3])
+    planes = torch.zeros(6, 5, 28, 28)
+    planes[torch.arange(6), target] = 1.0
+    with torch.no_grad():
+        slow = G(torch.cat([ink, planes], 1))
+        torch.testing.assert_close(G.draw(ink, target), slow, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(folded(G).draw(ink, target), slow, atol=1e-5, rtol=1e-4)
+        # a wrong target label gives another image: the map is not a no-op
+        assert (G.draw(ink, (target + 1) % 5) - slow).abs().max() > 1e-3
+
+
+def test_collagan_fill_reads_one_image_per_present_label_and_drops_some(matrix):
+    """A fill's inputs (_picks): for each draw, per label the writer has (but the target), one of
+    the writer's images of that label or none (dropped, about 1 - fill_keep of them); the target
+    label and the labels the writer lacks are never read; no draw reads nothing."""
+    import torch
+
+    from inkfill.methods.collagan import CollaGAN
+
+    method = CollaGAN(**TINY["collagan"], fill_keep=0.5).fit(matrix)
+    row = 0
+    mine = np.flatnonzero(method.rows_ == row)
+    images, cols = method.images_[mine], method.cols_[mine]
+    have = np.unique(cols)
+    assert len(have) >= 3
+    target = int(have[0])
+    index = method._picks(
+        images, torch.as_tensor(cols), target, 400, torch.Generator().manual_seed(0)
+    )
+    index = index.numpy()
+    assert index.shape == (400, matrix.n_labels)
+    assert (index[:, target] == -1).all()
+    lacking = np.setdiff1d(np.arange(matrix.n_labels), have)
+    assert (index[:, lacking] == -1).all()
+    for c in have[1:]:
+        read = index[:, c]
+        assert (cols[read[read >= 0]] == c).all()
+        assert 0.3 < (read == -1).mean() < 0.7  # fill_keep 0.5 (a draw left empty reads all)
+    assert ((index >= 0).sum(1) >= 1).all()
