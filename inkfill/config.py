@@ -298,6 +298,12 @@ class CollaGANConfig:
     label_weight: float = param(1.0, "auxiliary label classifier loss in D")
     keep: float = param(0.7, "input dropout in training: each other label kept with this chance")
     fill_keep: float = param(0.8, "input dropout when filling: varies the images of one cell")
+    margin: int = param(
+        2,
+        "sampling: rows and columns at each edge of a draw set to background, as in the scans "
+        "(some fits draw a solid block of ink in a corner for one label: 2 of 5 bench fits "
+        "and a fit on all of femnist_digits; 0: off)",
+    )
     shift: int = param(2, "random translation (pixels) of all images the discriminator sees")
     bf16: bool = param(True, BF16_HELP)
     seed: int = param(0, "seed of initialisation and training")
@@ -310,6 +316,8 @@ class CollaGANConfig:
             raise InkfillError("--steps and --shift must be >= 0")
         if not (0 < self.keep <= 1 and 0 < self.fill_keep <= 1):
             raise InkfillError("--keep and --fill-keep must be in (0, 1]")
+        if not 0 <= self.margin <= 13:
+            raise InkfillError("--margin must be within 0-13 (0: off)")
 
 
 @dataclass(frozen=True)

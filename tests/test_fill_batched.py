@@ -203,3 +203,20 @@ def test_collagan_fill_reads_one_image_per_present_label_and_drops_some(matrix):
         assert (cols[read[read >= 0]] == c).all()
         assert 0.3 < (read == -1).mean() < 0.7  # fill_keep 0.5 (a draw left empty reads all)
     assert ((index >= 0).sum(1) >= 1).all()
+
+
+def test_collagan_fills_leave_the_margin_blank(matrix):
+    """Some collagan fits draw a solid block of ink in a corner for one label; fills set the
+    `margin` outermost rows and columns to background, as the scans have them."""
+    from inkfill.methods.collagan import CollaGAN
+
+    method = CollaGAN(**TINY["collagan"]).fit(matrix)
+    cells = matrix.empty_cells()[:3]
+
+    def edges(images):
+        return np.concatenate([images[:, :2].ravel(), images[:, -2:].ravel(),
+                               images[:, :, :2].ravel(), images[:, :, -2:].ravel()])  # fmt: skip
+
+    assert not edges(np.concatenate(method.generate_cells(cells, 4))).any()
+    method.margin = 0  # an untrained generator inks everywhere
+    assert edges(np.concatenate(method.generate_cells(cells, 4))).any()

@@ -19,7 +19,14 @@ from ..data import WriterMatrix, to_images, to_model
 from ..models import CollaGenerator, PersonalDiscriminator, folded
 from ..progress import tqdm
 from ..train import train_collagan
-from .base import INFER_CHUNK, Method, cell_generator, cell_seed, save_generator_figures
+from .base import (
+    INFER_CHUNK,
+    Method,
+    blank_margin,
+    cell_generator,
+    cell_seed,
+    save_generator_figures,
+)
 
 
 class _Stacks:
@@ -165,7 +172,8 @@ class CollaGAN(Method):
                 ink[part < 0] = 0  # missing and dropped labels: blank
                 ink = ink.to(self.device_, torch.float32).div_(255.0)
                 out.append(to_images(net.draw(ink, targets[s : s + chunk].to(self.device_))))
-        return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
+        images = np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
+        return blank_margin(images, self.margin)
 
     def _inference_generator(self) -> CollaGenerator:
         """The generator with each batch norm folded into its convolution, channels-last (the

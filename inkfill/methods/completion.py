@@ -46,6 +46,7 @@ from .base import (
     COLLAPSE_GAP,
     INFER_CHUNK,
     Method,
+    blank_margin,
     cell_generator,
     cell_seed,
     save_generator_figures,
@@ -553,10 +554,7 @@ class CompletionGAN(_StyleSpace):
         femnist_digits' pixels, 80% of the generator's own on bench seed 7); and the `margin`
         outermost rows and columns, where the scans have no ink; in place."""
         images[images < self.ink_floor] = 0
-        if m := self.margin:
-            images[..., :m, :] = images[..., -m:, :] = 0
-            images[..., :m] = images[..., -m:] = 0
-        return images
+        return blank_margin(images, self.margin)
 
     def generate_from_reference(self, images, labels, label, n, seed=0, name="new"):
         """n images of `label` in the style of a writer known only from `images` (any labels)."""
