@@ -139,7 +139,7 @@ class CollaGAN(Method):
 
     def _draw(self, images, cols, target_col, n, rng):
         """n images of target_col from one writer's images (uint8) with label columns `cols`."""
-        index = self._picks(images, torch.as_tensor(cols), target_col, n, rng)
+        index = self._picks(_inked(images), torch.as_tensor(cols), target_col, n, rng)
         return self._forward(images, index, torch.full((n,), target_col))
 
     def _generate_cells(self, cells, n, seed):
@@ -148,12 +148,13 @@ class CollaGAN(Method):
         # Each writer's images, in data order, without a pass over the data per cell.
         order = np.argsort(self.rows_, kind="stable")
         bounds = np.searchsorted(self.rows_[order], np.arange(len(self.matrix_.writer_ids) + 1))
+        inked = _inked(self.images_)
         index, targets = [], []
         for writer, label in cells:
             row, col = self.matrix_.row(writer), self.matrix_.col(label)
             mine = order[bounds[row] : bounds[row + 1]]
             rng = cell_generator(seed, writer, label)
-            picks = self._picks(self.images_[mine], torch.from_numpy(self.cols_[mine]), col, n, rng)
+            picks = self._picks(inked[mine], torch.from_numpy(self.cols_[mine]), col, n, rng)
             index.append(torch.where(picks >= 0, torch.from_numpy(mine)[picks.clamp_min(0)], -1))
             targets.append(torch.full((n,), col))
         out = self._forward(self.images_, torch.cat(index), torch.cat(targets))
@@ -184,10 +185,11 @@ class CollaGAN(Method):
             self._folded = (self.generator_, folded(self.generator_))
         return self._folded[1]
 
-    def _picks(self, images, cols, target_col, n, rng) -> torch.Tensor:
-        """(n, L) indices into one writer's `images` (-1: none): for every label but the target,
-        one random image per draw, kept with probability `fill_keep`; a draw with nothing kept
-        (or only blank images) reads one image of every label instead."""
+    def _picks(self, inked, cols, target_col, n, rng) -> torch.Tensor:
+        """(n, L) indices into one writer's images (-1: none), given which of them have ink
+        (`inked`, (M,) bool) and their label columns `cols` (M,): for every label but the
+        target, one random image per draw, kept with probability `fill_keep`; a draw with
+        nothing kept (or only blank images) reads one image of every label instead."""
         n_labels = len(self.matrix_.label_ids)
         index = torch.full((n, n_labels), -1, dtype=torch.long)
         labels = [c for c in torch.unique(cols).tolist() if c != target_col]
@@ -196,7 +198,6 @@ class CollaGAN(Method):
             pick = pool[torch.randint(len(pool), (n,), generator=rng)]
             keep = torch.rand(n, generator=rng) < self.fill_keep
             index[:, c] = torch.where(keep, pick, -1)
-        inked = torch.from_numpy(np.asarray(images).reshape(len(images), -1).any(1))
         empty = ~(inked[index.clamp_min(0)] & (index >= 0)).any(1)
         if empty.any():  # every input dropped: keep them all for these draws
             for c in labels:
@@ -242,3 +243,8 @@ class CollaGAN(Method):
         self.generator_.eval()
         self.images_ = tensors["images"].numpy()
         self.rows_, self.cols_ = tensors["rows"].numpy(), tensors["cols"].numpy()
+
+
+def _inked(images: np.ndarray) -> torch.Tensor:
+    """(M,) bool: which of the (M, 28, 28) images have any ink."""
+    return torch.from_numpy(np.asarray(images).reshape(len(images), -1).any(1))
