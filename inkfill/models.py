@@ -481,11 +481,17 @@ class CollaGenerator(nn.Module):
     Input: the writer's images of every label stacked as channels (ink in [0, 1], zeros where a
     label is missing or dropped) and a one-hot mask of the target label as constant planes,
     (B, 2 * n_labels, 28, 28). Output: the target label's image (B, 1, 28, 28) in [-1, 1].
+
+    The seed's U-Net convolves at 28x28 first (width w; then 2w at 14x14 and 4w at 7x7). With
+    `unshuffle`, the same U-Net has no 28x28 stage: each 2x2 block of input pixels becomes 4
+    channels at 14x14 (space to depth), and the last convolution draws 4 channels at 14x14
+    that become the 2x2 blocks of the output (depth to space); the 14x14 and 7x7 stages are the
+    same, and a CPU draws ~1.5x the images/s.
     """
 
-    def __init__(self, n_labels: int, width: int = 32):
+    def __init__(self, n_labels: int, width: int = 32, unshuffle: bool = False):
         super().__init__()
-        w = width
+        w, self.unshuffle = width, unshuffle
 
         def block(cin, cout):
             return nn.Sequential(
@@ -497,35 +503,55 @@ class CollaGenerator(nn.Module):
                 nn.LeakyReLU(0.2, inplace=True),
             )
 
-        self.enc1 = block(2 * n_labels, w)  # 28x28
-        self.enc2 = block(w, 2 * w)  # 14x14
+        if not unshuffle:
+            self.enc1 = block(2 * n_labels, w)  # 28x28
+            self.enc2 = block(w, 2 * w)  # 14x14
+        else:
+            self.enc2 = block(4 * 2 * n_labels, 2 * w)  # 14x14, from the unshuffled input
         self.mid = block(2 * w, 4 * w)  # 7x7
         self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, 2)
         self.dec2 = block(4 * w, 2 * w)
-        self.up1 = nn.ConvTranspose2d(2 * w, w, 2, 2)
-        self.dec1 = block(2 * w, w)
-        self.out = nn.Conv2d(w, 1, 1)
+        if not unshuffle:
+            self.up1 = nn.ConvTranspose2d(2 * w, w, 2, 2)
+            self.dec1 = block(2 * w, w)
+            self.out = nn.Conv2d(w, 1, 1)
+        else:
+            self.out = nn.Conv2d(2 * w, 4, 3, 1, 1)  # 2x2 output pixels per 14x14 position
+
+    @property
+    def _input_block(self) -> nn.Sequential:
+        return self.enc2 if self.unshuffle else self.enc1
+
+    def _space_to_depth(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(x, 2) if self.unshuffle else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._decode(self.enc1(x))
+        return self._decode(self._input_block(self._space_to_depth(x)))
 
     def draw(self, ink: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """forward() of the stacked input (ink, one-hot planes of `target`) without the planes:
-        ink (B, L, 28, 28), target label columns (B,). The planes' part of the first
-        convolution is one fixed map per label, computed here and added (less input to make,
-        and half the first convolution's work, at inference)."""
-        first, n = self.enc1[0], ink.shape[1]
-        planes = torch.eye(n, dtype=ink.dtype, device=ink.device)[:, :, None, None]
-        maps = F.conv2d(planes.expand(n, n, 28, 28), first.weight[:, n:], padding=1)
+        ink (B, L, 28, 28), or for an `unshuffle` net already space to depth (B, 4L, 14, 14);
+        target label columns (B,). The planes' part of the first convolution is one fixed map
+        per label, computed here and added (less input to make, and half the first
+        convolution's work, at inference)."""
+        if ink.shape[-1] == 28:
+            ink = self._space_to_depth(ink)
+        block, n = self._input_block, ink.shape[1]
+        n_labels, first = (n // 4 if self.unshuffle else n), block[0]
+        planes = torch.eye(n_labels, dtype=ink.dtype, device=ink.device)[:, :, None, None]
+        planes = self._space_to_depth(planes.expand(n_labels, n_labels, 28, 28))
+        maps = F.conv2d(planes, first.weight[:, n:], padding=1)
         h = F.conv2d(ink, first.weight[:, :n], first.bias, padding=1)
-        return self._decode(self.enc1[1:](h + maps[target]))
+        return self._decode(block[1:](h + maps[target]))
 
-    def _decode(self, e1: torch.Tensor) -> torch.Tensor:
-        e2 = self.enc2(F.avg_pool2d(e1, 2))
+    def _decode(self, e: torch.Tensor) -> torch.Tensor:
+        """The U-Net after its input block's output `e` (at 28x28, or 14x14 unshuffled)."""
+        e2 = e if self.unshuffle else self.enc2(F.avg_pool2d(e, 2))
         m = self.mid(F.avg_pool2d(e2, 2))
         d2 = self.dec2(torch.cat([self.up2(m), e2], 1))
-        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
-        return torch.tanh(self.out(d1))
+        if self.unshuffle:
+            return torch.tanh(F.pixel_shuffle(self.out(d2), 2))
+        return torch.tanh(self.out(self.dec1(torch.cat([self.up1(d2), e], 1))))
 
 
 class CodeStyle(nn.Module):

@@ -21,6 +21,7 @@ TINY = {
         style_dim=8, nz=4, ngf=8, ndf=8, steps=3, batch_cells=4, classifier_epochs=1
     ),
     "collagan": dict(width=4, ndf=8, steps=3, batch_cells=4),
+    "collagan unshuffle": dict(width=4, ndf=8, steps=3, batch_cells=4, unshuffle=True),
     "predicted-retrieval": dict(n_components=4, classifier_epochs=1, classifier_width=8),
     "completion-gan": dict(
         n_components=4,
@@ -42,7 +43,7 @@ def matrix():
     return WriterMatrix(make_dataset(n_writers=10, seed=5))
 
 
-@pytest.mark.parametrize("name", [*METHODS, "cluster-gan conditional"])
+@pytest.mark.parametrize("name", [*METHODS, "cluster-gan conditional", "collagan unshuffle"])
 def test_batched_fill_equals_cell_by_cell(name, matrix):
     cls = METHODS[name.split()[0]]
     method = cls(**TINY.get(name, {})).fit(matrix)
@@ -149,16 +150,18 @@ def test_folded_feature_net_computes_what_the_eval_net_computes():
     torch.testing.assert_close(g_fast, g_net, atol=1e-4, rtol=1e-3)
 
 
-def test_collagan_draw_computes_what_forward_computes_on_the_stacked_input():
+@pytest.mark.parametrize("unshuffle", [False, True])
+def test_collagan_draw_computes_what_forward_computes_on_the_stacked_input(unshuffle):
     """CollaGAN fills through draw(ink, target): the one-hot target planes' part of the first
     convolution added as a fixed map per label, on the generator with its batch norms folded.
-    Both must give forward() on the stacked (ink, planes) input, borders included."""
+    Both must give forward() on the stacked (ink, planes) input, borders included, with the
+    28x28 stage or without it (space to depth)."""
     import torch
 
     from inkfill.models import CollaGenerator, folded
 
     torch.manual_seed(0)
-    G = CollaGenerator(n_labels=5, width=4)
+    G = CollaGenerator(n_labels=5, width=4, unshuffle=unshuffle)
     G.train()
     for _ in range(3):  # running statistics away from their start
         G(torch.rand(16, 10, 28, 28))
@@ -181,7 +184,7 @@ def test_collagan_fill_reads_one_image_per_present_label_and_drops_some(matrix):
     label and the labels the writer lacks are never read; no draw reads nothing."""
     import torch
 
-    from inkfill.methods.collagan import CollaGAN
+    from inkfill.methods.collagan import CollaGAN, _picks
 
     method = CollaGAN(**TINY["collagan"], fill_keep=0.5).fit(matrix)
     row = 0
@@ -191,10 +194,12 @@ def test_collagan_fill_reads_one_image_per_present_label_and_drops_some(matrix):
     assert len(have) >= 3
     target = int(have[0])
     inked = torch.from_numpy(images.reshape(len(images), -1).any(1))
-    index = method._picks(
-        inked, torch.as_tensor(cols), target, 400, torch.Generator().manual_seed(0)
-    )
-    index = index.numpy()
+    cols = torch.as_tensor(cols)
+    counts = torch.bincount(cols, minlength=matrix.n_labels)[None]
+    uniforms = torch.rand(1, 2, 400, matrix.n_labels, generator=torch.Generator().manual_seed(0))
+    order = torch.argsort(cols, stable=True)
+    index = _picks(uniforms, counts, order, inked, torch.tensor([target]), 0.5)[0].numpy()
+    cols = cols.numpy()
     assert index.shape == (400, matrix.n_labels)
     assert (index[:, target] == -1).all()
     lacking = np.setdiff1d(np.arange(matrix.n_labels), have)
@@ -202,6 +207,7 @@ def test_collagan_fill_reads_one_image_per_present_label_and_drops_some(matrix):
     for c in have[1:]:
         read = index[:, c]
         assert (cols[read[read >= 0]] == c).all()
+        assert set(read[read >= 0]) == set(np.flatnonzero(cols == c))  # each can be read
         assert 0.3 < (read == -1).mean() < 0.7  # fill_keep 0.5 (a draw left empty reads all)
     assert ((index >= 0).sum(1) >= 1).all()
 
@@ -221,3 +227,25 @@ def test_collagan_fills_leave_the_margin_blank(matrix):
     assert not edges(np.concatenate(method.generate_cells(cells, 4))).any()
     method.margin = 0  # an untrained generator inks everywhere
     assert edges(np.concatenate(method.generate_cells(cells, 4))).any()
+
+
+@pytest.mark.parametrize("unshuffle", [False, True])
+def test_collagan_runs_load_with_their_own_generator(unshuffle, matrix, tmp_path):
+    """A run records which U-Net it trained; one saved before the `unshuffle` parameter existed
+    (no word of it in config.json) has the 28x28 stage, whatever the default, and fills as it
+    did."""
+    import json
+
+    from inkfill.methods import load_run
+    from inkfill.methods.collagan import CollaGAN
+
+    method = CollaGAN(**TINY["collagan"], unshuffle=unshuffle).fit(matrix)
+    method.save(tmp_path)
+    cells = matrix.empty_cells()[:3]
+    before = np.concatenate(method.generate_cells(cells, 4, seed=2))
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["params"]["unshuffle"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_run(tmp_path)
+    assert loaded.unshuffle is unshuffle and loaded.generator_.unshuffle is unshuffle
+    np.testing.assert_array_equal(np.concatenate(loaded.generate_cells(cells, 4, seed=2)), before)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import distributed
 from ..config import CollaGANConfig, InkfillError
 from ..data import WriterMatrix, to_images, to_model
 from ..models import CollaGenerator, PersonalDiscriminator, folded
 from ..progress import tqdm
-from ..train import train_collagan
+from ..train import train_collagan, use_bf16
 from .base import (
     INFER_CHUNK,
     Method,
@@ -105,7 +106,7 @@ class CollaGAN(Method):
                     "cycle_inputs": stacks.stack(index, cycle_kept),
                 }
 
-            self.generator_ = CollaGenerator(n_labels, self.width).to(dev)
+            self.generator_ = CollaGenerator(n_labels, self.width, self.unshuffle).to(dev)
             disc = PersonalDiscriminator(n_labels, 0, self.ndf).to(dev)
             modules = {"generator": self.generator_, "discriminator": disc}
             done = self._finished(self.name, modules)
@@ -139,39 +140,64 @@ class CollaGAN(Method):
 
     def _draw(self, images, cols, target_col, n, rng):
         """n images of target_col from one writer's images (uint8) with label columns `cols`."""
-        index = self._picks(_inked(images), torch.as_tensor(cols), target_col, n, rng)
+        cols = torch.as_tensor(cols)
+        counts = torch.bincount(cols, minlength=len(self.matrix_.label_ids))
+        uniforms = self._uniforms(n, rng)[None]
+        index = _picks(
+            uniforms, counts[None], torch.argsort(cols, stable=True), _inked(images),
+            torch.tensor([target_col]), self.fill_keep,
+        )[0]  # fmt: skip
         return self._forward(images, index, torch.full((n,), target_col))
 
     def _generate_cells(self, cells, n, seed):
         if not cells:
             return []
-        # Each writer's images, in data order, without a pass over the data per cell.
-        order = np.argsort(self.rows_, kind="stable")
-        bounds = np.searchsorted(self.rows_[order], np.arange(len(self.matrix_.writer_ids) + 1))
-        inked = _inked(self.images_)
-        index, targets = [], []
-        for writer, label in cells:
-            row, col = self.matrix_.row(writer), self.matrix_.col(label)
-            mine = order[bounds[row] : bounds[row + 1]]
-            rng = cell_generator(seed, writer, label)
-            picks = self._picks(inked[mine], torch.from_numpy(self.cols_[mine]), col, n, rng)
-            index.append(torch.where(picks >= 0, torch.from_numpy(mine)[picks.clamp_min(0)], -1))
-            targets.append(torch.full((n,), col))
-        out = self._forward(self.images_, torch.cat(index), torch.cat(targets))
+        # Every image's index, ordered by writer then label (then data order): each writer's
+        # images of a label are one run of it, as _draw orders one writer's images.
+        n_labels = len(self.matrix_.label_ids)
+        order = torch.from_numpy(np.argsort(self.rows_ * n_labels + self.cols_, kind="stable"))
+        counts = torch.from_numpy(
+            np.bincount(
+                self.rows_ * n_labels + self.cols_,
+                minlength=len(self.matrix_.writer_ids) * n_labels,
+            )
+        ).reshape(-1, n_labels)
+        rows = torch.tensor([self.matrix_.row(w) for w, _ in cells])
+        targets = torch.tensor([self.matrix_.col(lab) for _, lab in cells])
+        uniforms = torch.stack([self._uniforms(n, cell_generator(seed, *cell)) for cell in cells])
+        start = (torch.cumsum(counts.flatten(), 0) - counts.flatten()).reshape(counts.shape)
+        index = _picks(
+            uniforms, counts[rows], order, _inked(self.images_), targets, self.fill_keep,
+            start=start[rows],
+        )  # fmt: skip
+        out = self._forward(self.images_, index.flatten(0, 1), targets.repeat_interleave(n))
         return list(out.reshape(len(cells), n, 28, 28))
+
+    def _uniforms(self, n, rng) -> torch.Tensor:
+        """A cell's random numbers: (2, n, L), which image of each label and whether it is kept."""
+        return torch.rand(2, n, len(self.matrix_.label_ids), generator=rng)
 
     def _forward(self, images, index, targets, chunk: int = INFER_CHUNK) -> np.ndarray:
         """Draws for B inputs given as indices into `images` (N, 28, 28) uint8: index (B, L), one
         image per label (-1: none), and the target label columns (B,). The generator's inputs
-        are made a chunk at a time (B of them at once would take B * 3 KB a label)."""
-        images = torch.from_numpy(np.ascontiguousarray(images, np.uint8))
+        are made a chunk at a time (B of them at once would take B * 3 KB a label), gathered
+        from the images already as the generator reads them: ink in [0, 1] in its compute
+        dtype, space to depth and channels-last for an `unshuffle` net, a blank image last."""
         net, out = self._inference_generator(), []
+        dtype = torch.bfloat16 if use_bf16(self.device_, self.bf16) else torch.float32
+        bank = torch.from_numpy(np.ascontiguousarray(images, np.uint8)).to(self.device_)
+        bank = torch.cat([bank, bank.new_zeros(1, 28, 28)]).float().div_(255.0).to(dtype)
+        if self.unshuffle:  # (N + 1, 14, 14, 4): a 2x2 block's pixels as channels
+            bank = F.pixel_unshuffle(bank[:, None], 2).permute(0, 2, 3, 1).contiguous()
+        blank = len(bank) - 1
         with self._inference():
             for s in range(0, len(index), chunk):
-                part = index[s : s + chunk]
-                ink = images[part.clamp_min(0)]  # (b, L, 28, 28)
-                ink[part < 0] = 0  # missing and dropped labels: blank
-                ink = ink.to(self.device_, torch.float32).div_(255.0)
+                part = index[s : s + chunk].to(self.device_)
+                ink = bank[torch.where(part < 0, blank, part)]  # missing, dropped: blank
+                if self.unshuffle:  # (b, L, 14, 14, 4) -> (b, 4L, 14, 14), channels-last
+                    b, n = part.shape
+                    ink = ink.permute(0, 2, 3, 1, 4).reshape(b, 14, 14, 4 * n)
+                    ink = ink.permute(0, 3, 1, 2)
                 out.append(to_images(net.draw(ink, targets[s : s + chunk].to(self.device_))))
         images = np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
         return blank_margin(images, self.margin)
@@ -184,26 +210,6 @@ class CollaGAN(Method):
         if getattr(self, "_folded", (None,))[0] is not self.generator_:
             self._folded = (self.generator_, folded(self.generator_))
         return self._folded[1]
-
-    def _picks(self, inked, cols, target_col, n, rng) -> torch.Tensor:
-        """(n, L) indices into one writer's images (-1: none), given which of them have ink
-        (`inked`, (M,) bool) and their label columns `cols` (M,): for every label but the
-        target, one random image per draw, kept with probability `fill_keep`; a draw with
-        nothing kept (or only blank images) reads one image of every label instead."""
-        n_labels = len(self.matrix_.label_ids)
-        index = torch.full((n, n_labels), -1, dtype=torch.long)
-        labels = [c for c in torch.unique(cols).tolist() if c != target_col]
-        for c in labels:
-            pool = torch.nonzero(cols == c)[:, 0]
-            pick = pool[torch.randint(len(pool), (n,), generator=rng)]
-            keep = torch.rand(n, generator=rng) < self.fill_keep
-            index[:, c] = torch.where(keep, pick, -1)
-        empty = ~(inked[index.clamp_min(0)] & (index >= 0)).any(1)
-        if empty.any():  # every input dropped: keep them all for these draws
-            for c in labels:
-                pool = torch.nonzero(cols == c)[:, 0]
-                index[empty, c] = pool[torch.randint(len(pool), (1,), generator=rng)]
-        return index
 
     def _generate(self, writer, label, n, rng):
         row, col = self.matrix_.row(writer), self.matrix_.col(label)
@@ -236,13 +242,38 @@ class CollaGAN(Method):
         return tensors, {}
 
     def _set_state(self, tensors, config):
-        self.generator_ = CollaGenerator(len(self.matrix_.label_ids), self.width)
+        # Runs from before the `unshuffle` parameter have the 28x28 stage, and no word of it.
+        self.unshuffle = "generator.enc1.0.weight" not in tensors
+        self.generator_ = CollaGenerator(len(self.matrix_.label_ids), self.width, self.unshuffle)
         self.generator_.load_state_dict(
             {k[10:]: v for k, v in tensors.items() if k.startswith("generator.")}
         )
         self.generator_.eval()
         self.images_ = tensors["images"].numpy()
         self.rows_, self.cols_ = tensors["rows"].numpy(), tensors["cols"].numpy()
+
+
+def _picks(uniforms, counts, order, inked, targets, fill_keep, start=None) -> torch.Tensor:
+    """Which image of the writer each draw reads for each label: (C, n, L) indices (-1: none)
+    for C cells of n draws. For every label but the target, one of the writer's images,
+    uniformly, kept with probability `fill_keep`; a draw that keeps nothing with ink reads all
+    its picks instead.
+
+    uniforms (C, 2, n, L) in [0, 1): the pick and the keep; counts (C, L): the cell's writer's
+    images of each label, which are `order[start + k]` for k < count (start (C, L); default:
+    the labels' runs one after another from 0, one writer's images); inked (N,): which images
+    have ink; targets (C,): the cells' label columns, never read."""
+    if start is None:
+        start = torch.cumsum(counts, 1) - counts
+    have = counts > 0
+    have[torch.arange(len(targets)), targets] = False
+    u, keep = uniforms.unbind(1)  # (C, n, L) each
+    k = (u * counts[:, None]).long().clamp_max(counts[:, None] - 1).clamp_min(0)
+    at = (start[:, None] + k).clamp_max(len(order) - 1)
+    pick = torch.where(have[:, None], order[at], -1)
+    index = torch.where(keep < fill_keep, pick, -1)
+    empty = ~(inked[index.clamp_min(0)] & (index >= 0)).any(-1, keepdim=True)
+    return torch.where(empty, pick, index)
 
 
 def _inked(images: np.ndarray) -> torch.Tensor:
