@@ -203,17 +203,20 @@ class CollaGAN(Method):
         return blank_margin(images, self.margin)
 
     def _bank(self) -> torch.Tensor:
-        """`_make_bank` of the run's images, made once per fitted or loaded run."""
-        if getattr(self, "_banked", (None,))[0] is not self.images_:
-            self._banked = (self.images_, self._make_bank(self.images_))
+        """`_make_bank` of the run's images, made once per fitted or loaded run and device."""
+        key = (self.images_, self.device_)
+        cached = getattr(self, "_banked", None)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] != key[1]:
+            self._banked = (key, self._make_bank(self.images_))
         return self._banked[1]
 
     def _make_bank(self, images: np.ndarray, step: int = 65536) -> torch.Tensor:
         """(N, 28, 28) uint8 -> the generator's inputs, a blank image appended: ink in [0, 1]
         in its compute dtype (bf16 where native: 2 bytes a pixel), and for an `unshuffle` net
         (N + 1, 14, 14, 4), each 2x2 block's pixels as channels (gathered per label and
-        reshaped, channels-last as its convolutions run: 1.3-1.5x the images/s of
-        unshuffling each chunk). Made `step` images at a time (no float32 copy of them all)."""
+        reshaped, channels-last as its convolutions run: faster than unshuffling each chunk,
+        benchmarks/results/collagan_width.md). Made `step` images at a time (no float32 copy
+        of them all)."""
         dtype = torch.bfloat16 if use_bf16(self.device_, self.bf16) else torch.float32
         shape = (14, 14, 4) if self.unshuffle else (28, 28)
         bank = torch.zeros(len(images) + 1, *shape, dtype=dtype, device=self.device_)
@@ -228,11 +231,12 @@ class CollaGAN(Method):
     def _inference_generator(self) -> CollaGenerator:
         """The generator with each batch norm folded into its convolution, channels-last (the
         same function; 1.6x the images/s on an AVX-512 BF16 CPU), made once per fitted or
-        loaded generator and used for every fill, so a cell's images do not depend on how many
-        are drawn at once."""
-        if getattr(self, "_folded", (None,))[0] is not self.generator_:
-            self._folded = (self.generator_, folded(self.generator_))
-        return self._folded[1]
+        loaded generator (and device) and used for every fill, so a cell's images do not depend
+        on how many are drawn at once."""
+        cached = getattr(self, "_folded", None)
+        if cached is None or cached[0] is not self.generator_ or cached[1] != self.device_:
+            self._folded = (self.generator_, self.device_, folded(self.generator_))
+        return self._folded[2]
 
     def _generate(self, writer, label, n, rng):
         row, col = self.matrix_.row(writer), self.matrix_.col(label)
