@@ -21,7 +21,7 @@ TINY = {
         style_dim=8, nz=4, ngf=8, ndf=8, steps=3, batch_cells=4, classifier_epochs=1
     ),
     "collagan": dict(width=4, ndf=8, steps=3, batch_cells=4),
-    "collagan unshuffle": dict(width=4, ndf=8, steps=3, batch_cells=4, unshuffle=True),
+    "collagan 28x28": dict(width=4, ndf=8, steps=3, batch_cells=4, unshuffle=False),
     "predicted-retrieval": dict(n_components=4, classifier_epochs=1, classifier_width=8),
     "completion-gan": dict(
         n_components=4,
@@ -43,7 +43,7 @@ def matrix():
     return WriterMatrix(make_dataset(n_writers=10, seed=5))
 
 
-@pytest.mark.parametrize("name", [*METHODS, "cluster-gan conditional", "collagan unshuffle"])
+@pytest.mark.parametrize("name", [*METHODS, "cluster-gan conditional", "collagan 28x28"])
 def test_batched_fill_equals_cell_by_cell(name, matrix):
     cls = METHODS[name.split()[0]]
     method = cls(**TINY.get(name, {})).fit(matrix)
@@ -231,9 +231,9 @@ def test_collagan_fills_leave_the_margin_blank(matrix):
 
 @pytest.mark.parametrize("unshuffle", [False, True])
 def test_collagan_runs_load_with_their_own_generator(unshuffle, matrix, tmp_path):
-    """A run records which U-Net it trained; one saved before the `unshuffle` parameter existed
-    (no word of it in config.json) has the 28x28 stage, whatever the default, and fills as it
-    did."""
+    """A run's weights say which U-Net it trained: one saved before the `unshuffle` parameter
+    existed (no word of it in config.json) loads with its own, whatever the default, and fills
+    as it did."""
     import json
 
     from inkfill.methods import load_run
